@@ -1,0 +1,34 @@
+"""Shared fixtures: paths to the real data beside the checkout, and small helpers."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("VLKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+FLICKR = SHARED_DATA / "flickr8k-1k"
+CIFAR = SHARED_DATA / "cifar10-test"
+COCO = ROOT / "vlkit" / "assets" / "coco-cc-by"
+
+needs_shared = pytest.mark.skipif(not FLICKR.exists(), reason=f"real data not found at {SHARED_DATA}")
+
+
+def jpeg_bytes(color=(200, 30, 30), size=(48, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m vlkit ARGS`` in a real subprocess and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "vlkit", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )

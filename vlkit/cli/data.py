@@ -1,0 +1,79 @@
+"""``vlkit data``: look at datasets (info, show) and make synthetic ones (synth)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="inspect datasets and generate synthetic data")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+
+    info = dsub.add_parser("info", help="rows, captions, splits, classes, questions, size, versions")
+    info.add_argument("dataset")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=run_info)
+
+    show = dsub.add_parser("show", help="a contact sheet of images with their first caption")
+    show.add_argument("dataset")
+    show.add_argument("--out", "-o", required=True, help="PNG file to write")
+    show.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    show.add_argument("--split", help="only this split")
+    show.set_defaults(func=run_show)
+
+    synth = dsub.add_parser("synth", help="generate a synthetic shapes dataset and ingest it")
+    synth.add_argument("--out", "-o", required=True, help="folder for images, synth.jsonl and synth.lance")
+    synth.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--format", default="png", choices=("png", "jpeg"))
+    synth.set_defaults(func=run_synth)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from vlkit.data.store import dataset_info
+
+    info = dataset_info(args.dataset)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    mib = info["bytes_on_disk"] / 2**20
+    print(f"dataset     {info['path']}")
+    print(f"images      {info['images']}")
+    print(f"captions    {info['captions']}")
+    print(f"questions   {info['questions']}")
+    print(f"splits      " + ", ".join(f"{k}: {v}" for k, v in info["splits"].items()))
+    if info["classes"]:
+        shown = ", ".join(info["classes"][:12]) + (" ..." if len(info["classes"]) > 12 else "")
+        print(f"classes     {len(info['classes'])} ({shown})")
+    if info["extra_columns"]:
+        print(f"extra       {', '.join(info['extra_columns'])}")
+    print(f"fragments   {info['fragments']}")
+    print(f"on disk     {mib:.1f} MiB")
+    print(f"version     {info['version']} ({info['versions']} versions)")
+    print(f"indices     {', '.join(info['indices']) or 'none'}")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from vlkit.data.sheet import contact_sheet
+
+    path = contact_sheet(args.dataset, args.out, n=args.n, split=args.split)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlkit.data.ingest import ingest
+    from vlkit.data.synth import generate
+
+    out = Path(args.out)
+    jsonl = generate(out, args.n, seed=args.seed, image_size=args.image_size, image_format=args.format)
+    report = ingest([jsonl], out / "synth.lance", progress=False)
+    print(f"wrote {args.n} images and {jsonl}")
+    print(report.summary())
+    return 0

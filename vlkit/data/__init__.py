@@ -1,0 +1,1 @@
+"""Data: ingest readers, the Lance store, PyTorch datasets, samplers, transforms, synthetic data."""

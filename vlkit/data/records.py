@@ -1,0 +1,61 @@
+"""The record every reader yields: one image with its texts, label and questions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Record:
+    """One image and what the source says about it, before the image is read.
+
+    Args:
+        id: stable key of the image in its source (e.g. its path relative to the images root).
+        image_path: where the encoded image lies on disk.
+        source: the file (and row) the record came from, for reports.
+        captions: the image's captions.
+        label: class index, for class-folder data.
+        class_name: class name, for class-folder data.
+        questions: questions about the image.
+        answers: for each question, the human answers (one or several).
+        split: the split the source assigns, or None to derive it from the id.
+        extra: any further fields of the source, stored as extra columns.
+    """
+
+    id: str
+    image_path: Path
+    source: str
+    captions: list[str] = field(default_factory=list)
+    label: int | None = None
+    class_name: str | None = None
+    questions: list[str] = field(default_factory=list)
+    answers: list[list[str]] = field(default_factory=list)
+    split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def merge(self, other: "Record") -> None:
+        """Fold another record of the same image (e.g. its VQA questions) into this one."""
+        self.captions.extend(c for c in other.captions if c not in self.captions)
+        self.questions.extend(other.questions)
+        self.answers.extend(other.answers)
+        if self.label is None:
+            self.label, self.class_name = other.label, other.class_name
+        if self.split is None:
+            self.split = other.split
+        for key, value in other.extra.items():
+            self.extra.setdefault(key, value)
+
+
+@dataclass
+class Problem:
+    """An input that was skipped: where it is and why."""
+
+    file: str
+    row: int | str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.file if self.row is None else f"{self.file}:{self.row}"
+        return f"{where}: {self.reason}"

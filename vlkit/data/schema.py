@@ -1,0 +1,66 @@
+"""The Arrow schema of a vlkit Lance dataset and conversion of records into tables."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import lance
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+#: Columns every vlkit dataset has, in order. Extra source fields follow them.
+CORE_FIELDS: list[pa.Field] = [
+    pa.field("id", pa.string(), nullable=False),
+    lance.blob_field("image"),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("format", pa.string()),
+    pa.field("captions", pa.list_(pa.string())),
+    pa.field("label", pa.int64()),
+    pa.field("class_name", pa.string()),
+    pa.field("questions", pa.list_(pa.string())),
+    pa.field("answers", pa.list_(pa.list_(pa.string()))),
+    pa.field("split", pa.string()),
+    pa.field("source", pa.string()),
+]
+CORE_NAMES = [f.name for f in CORE_FIELDS]
+
+
+def extra_field(name: str, values: list[Any]) -> pa.Field:
+    """Arrow field for an extra source column: its inferred type, or JSON text when types disagree."""
+    try:
+        typ = pa.array(values).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        typ = pa.string()
+        return pa.field(name, typ, metadata={"vlkit.encoding": "json"})
+    if pa.types.is_null(typ):
+        typ = pa.string()
+    return pa.field(name, typ)
+
+
+def build_schema(extra_fields: Iterable[pa.Field] = (), metadata: dict[str, str] | None = None) -> pa.Schema:
+    meta = {"vlkit.schema_version": SCHEMA_VERSION}
+    meta.update(metadata or {})
+    return pa.schema(CORE_FIELDS + list(extra_fields), metadata=meta)
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Turn row dicts (core columns plus extras, image as bytes) into a table of ``schema``."""
+    columns = {}
+    for f in schema:
+        values = [row.get(f.name) for row in rows]
+        if f.name == "image":
+            columns[f.name] = pa.array([{"data": v} for v in values], type=f.type)
+        elif (f.metadata or {}).get(b"vlkit.encoding") == b"json":
+            columns[f.name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+        else:
+            columns[f.name] = pa.array(values, type=f.type)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def class_names(schema: pa.Schema) -> list[str]:
+    """Class names by label index, as stored in the schema metadata (empty if none)."""
+    raw = (schema.metadata or {}).get(b"vlkit.classes")
+    return json.loads(raw) if raw else []

@@ -1,0 +1,68 @@
+"""A contact sheet: a grid of a dataset's images with their first caption, for a person to look at."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from vlkit.data.store import open_dataset, split_indices
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def _label(row: dict) -> str:
+    if row["captions"]:
+        text = row["captions"][0]
+    elif row["class_name"] is not None:
+        text = f"[{row['class_name']}]"
+    elif row["questions"]:
+        text = f"Q: {row['questions'][0]} A: {row['answers'][0][0]}"
+    else:
+        text = ""
+    return text
+
+
+def contact_sheet(
+    dataset: str | Path, out: str | Path, n: int = 16, split: str | None = None, thumb: int = 224, cols: int = 4
+) -> Path:
+    """Draw the first ``n`` images (of ``split``) with their first caption and id into a PNG.
+
+    Returns:
+        The path of the written image.
+    """
+    ds = open_dataset(dataset)
+    offsets = split_indices(ds, split)[: max(1, n)]
+    rows = ds.take(offsets, columns=["id", "captions", "class_name", "questions", "answers"]).to_pylist()
+    blobs = ds.read_blobs("image", indices=offsets, preserve_order=True)
+    font, small = _font(14), _font(11)
+    line_h, text_lines = 17, 4
+    cell_w, cell_h = thumb + 16, thumb + 16 + line_h * text_lines + 14
+    cols = min(cols, len(rows))
+    grid_rows = (len(rows) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * cell_w, grid_rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (row, (_, data)) in enumerate(zip(rows, blobs)):
+        x0, y0 = (i % cols) * cell_w + 8, (i // cols) * cell_h + 8
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (thumb, thumb))
+        img = img.convert("RGB")
+        img.thumbnail((thumb, thumb), Image.Resampling.BICUBIC)
+        sheet.paste(img, (x0 + (thumb - img.width) // 2, y0 + (thumb - img.height) // 2))
+        lines = textwrap.wrap(_label(row), width=max(10, thumb // 7))[:text_lines]
+        for j, line in enumerate(lines):
+            draw.text((x0, y0 + thumb + 4 + j * line_h), line, fill="black", font=font)
+        draw.text((x0, y0 + thumb + 4 + text_lines * line_h), row["id"][-40:], fill="gray", font=small)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    sheet.save(tmp)
+    tmp.replace(out)
+    return out
