@@ -54,7 +54,9 @@ def contact_sheet(
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (thumb, thumb))
         img = img.convert("RGB")
-        img.thumbnail((thumb, thumb), Image.Resampling.BICUBIC)
+        scale = thumb / max(img.width, img.height)
+        resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BICUBIC  # keep tiny images crisp
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
         sheet.paste(img, (x0 + (thumb - img.width) // 2, y0 + (thumb - img.height) // 2))
         lines = textwrap.wrap(_label(row), width=max(10, thumb // 7))[:text_lines]
         for j, line in enumerate(lines):
