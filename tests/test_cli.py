@@ -1,0 +1,45 @@
+"""The command line end to end, in real subprocesses: synth, info, show, quickstart."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from .conftest import run_cli
+
+
+def test_synth_info_show(tmp_path):
+    proc = run_cli("data", "synth", "--out", tmp_path / "s", "--n", "40", "--seed", "2")
+    assert proc.returncode == 0, proc.stderr
+    dataset = tmp_path / "s" / "synth.lance"
+    info = json.loads(run_cli("data", "info", dataset, "--json").stdout)
+    jsonl = [json.loads(line) for line in (tmp_path / "s" / "synth.jsonl").read_text().splitlines()]
+    assert info["images"] == 40
+    assert info["captions"] == sum(len(r["text"]) for r in jsonl)
+    assert info["questions"] == sum(len(r["questions"]) for r in jsonl)
+    assert len(info["classes"]) == 18 and sum(info["splits"].values()) == 40
+    text = run_cli("data", "info", dataset).stdout
+    assert "images      40" in text and "classes     18" in text
+    proc = run_cli("data", "show", dataset, "--out", tmp_path / "sheet.png", "--n", "6")
+    assert proc.returncode == 0, proc.stderr
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.width == 4 * 240 and sheet.height > 2 * 240
+    # the first thumbnail is the first image, upscaled: its centre pixel is not the white page
+    assert sheet.getpixel((8 + 112, 8 + 112)) != (255, 255, 255)
+
+
+def test_quickstart_ingests_the_bundled_sample(tmp_path):
+    proc = run_cli("quickstart", "--out", tmp_path / "qs", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "76 images, 380 captions, 26 questions" in proc.stdout
+    assert (tmp_path / "qs" / "sheet.png").exists()
+    again = run_cli("quickstart", "--out", tmp_path / "qs", cwd=tmp_path)
+    assert again.returncode == 0 and "ingested 0 new images" in again.stdout
+
+
+def test_help_lists_subcommands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for name in ("ingest", "data", "quickstart"):
+        assert name in proc.stdout
