@@ -1,0 +1,205 @@
+"""Caption tokenisation on Hugging Face ``tokenizers``.
+
+:class:`TextTokenizer` wraps a ``tokenizer.json`` (CLIP BPE, BERT WordPiece, or the small
+word-level vocabulary :func:`build_word_tokenizer` trains for test models) and turns a
+batch of captions into padded ``input_ids`` and ``attention_mask`` tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+from vlkit.errors import VlkitError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+#: Pad tokens looked up, in order, when the tokenizer does not configure padding itself.
+PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>")
+
+#: Special tokens of :func:`build_word_tokenizer`, in id order.
+WORD_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def _resolve_path(path: str | Path) -> Path:
+    """The tokenizer.json that ``path`` names: the file itself or one inside the directory."""
+    path = Path(path)
+    return path / TOKENIZER_FILE if path.is_dir() else path
+
+
+def _find_pad_id(tok: Tokenizer) -> int:
+    """Pad id the tokenizer configures, else the id of a known pad token, else 0."""
+    if tok.padding is not None:
+        return int(tok.padding["pad_id"])
+    for token in PAD_TOKENS:
+        token_id = tok.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+class TextTokenizer:
+    """Batches of captions to padded token-id tensors.
+
+    Texts are encoded with the tokenizer's own normaliser, pre-tokeniser, model and
+    post-processor (special tokens included), truncated to ``max_length`` by the
+    tokenizer (so template tokens such as ``[SEP]`` survive truncation), then padded.
+
+    Args:
+        path: a ``tokenizer.json`` file, or a directory that contains one.
+        max_length: most tokens per text, special tokens included.
+        pad_to_max: pad every batch to ``max_length`` instead of to its longest text.
+
+    Raises:
+        VlkitError: the file is missing or not a readable tokenizer, or max_length is
+            shorter than the special tokens the tokenizer adds.
+    """
+
+    def __init__(self, path: str | Path, max_length: int = 77, pad_to_max: bool = False) -> None:
+        file = _resolve_path(path)
+        if not file.is_file():
+            raise VlkitError(f"tokenizer file not found: {file}")
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+            raise VlkitError(f"cannot read tokenizer {file}: {exc}") from exc
+        self._setup(tok, max_length, pad_to_max)
+
+    @classmethod
+    def from_tokenizer(
+        cls, tok: Tokenizer, max_length: int = 77, pad_to_max: bool = False
+    ) -> "TextTokenizer":
+        """Wrap an in-memory tokenizer; a copy is taken, ``tok`` itself is left unchanged.
+
+        Args:
+            tok: the tokenizer.
+            max_length: most tokens per text, special tokens included.
+            pad_to_max: pad every batch to ``max_length``.
+
+        Returns:
+            The wrapper.
+        """
+        self = cls.__new__(cls)
+        self._setup(tok, max_length, pad_to_max)
+        return self
+
+    def _setup(self, tok: Tokenizer, max_length: int, pad_to_max: bool) -> None:
+        """Copy the tokenizer, replacing its padding and truncation with ours."""
+        if max_length < 1:
+            raise VlkitError(f"max_length must be at least 1, got {max_length}")
+        specials = tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor else 0
+        if max_length < specials:
+            raise VlkitError(
+                f"max_length={max_length} is shorter than the {specials} special tokens "
+                "the tokenizer adds to every text"
+            )
+        self._pad_id = _find_pad_id(tok)
+        self._tok = Tokenizer.from_str(tok.to_str())
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=max_length)
+        self.max_length = max_length
+        self.pad_to_max = pad_to_max
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The underlying tokenizer (with truncation to ``max_length`` set, no padding)."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added special tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        """Id that fills padded positions."""
+        return self._pad_id
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise a batch of texts.
+
+        Args:
+            texts: the texts; a single string is treated as a batch of one.
+
+        Returns:
+            ``input_ids`` and ``attention_mask``, both int64 ``[batch, length]``, where
+            length is the longest text in the batch (or ``max_length`` with
+            ``pad_to_max``); the mask is 1 on tokens and 0 on padding.
+
+        Raises:
+            VlkitError: a text cannot be tokenised within ``max_length``.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        try:
+            encodings = self._tok.encode_batch(list(texts))
+        except Exception as exc:  # e.g. max_length shorter than the template's tokens
+            raise VlkitError(f"cannot tokenise with max_length={self.max_length}: {exc}") from exc
+        rows = [enc.ids[: self.max_length] for enc in encodings]
+        return self._pad(rows)
+
+    def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right-pad id lists into ids and mask tensors."""
+        longest = max((len(r) for r in rows), default=0)
+        length = self.max_length if self.pad_to_max else longest
+        input_ids = torch.full((len(rows), length), self._pad_id, dtype=torch.int64)  # [B, L]
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)  # [B, L]
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+            attention_mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tokenizer as ``tokenizer.json``.
+
+        Args:
+            path: a ``.json`` file path, or a directory (created if needed) to write
+                ``tokenizer.json`` into.
+
+        Returns:
+            The file written.
+        """
+        path = Path(path)
+        file = path if path.suffix == ".json" and not path.is_dir() else path / TOKENIZER_FILE
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(file))
+        return file
+
+    def __repr__(self) -> str:
+        return (
+            f"TextTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "
+            f"pad_to_max={self.pad_to_max}, pad_id={self.pad_id})"
+        )
+
+
+def build_word_tokenizer(texts: Iterable[str], max_length: int = 32) -> TextTokenizer:
+    """Train a word-level tokenizer on some texts, for tiny models on synthetic captions.
+
+    Words are lowercased and split at whitespace and punctuation; every word seen becomes
+    a token. Ids 0-3 are ``[PAD]``, ``[UNK]``, ``[CLS]``, ``[SEP]``; words never seen map
+    to ``[UNK]`` and each text is wrapped as ``[CLS] ... [SEP]``.
+
+    Args:
+        texts: training texts.
+        max_length: most tokens per text, ``[CLS]`` and ``[SEP]`` included.
+
+    Returns:
+        The trained tokenizer, wrapped.
+    """
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    trainer = trainers.WordLevelTrainer(special_tokens=list(WORD_SPECIAL_TOKENS), min_frequency=1)
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return TextTokenizer.from_tokenizer(tok, max_length=max_length)
