@@ -1,0 +1,183 @@
+"""A map-style PyTorch dataset over a vlkit Lance dataset that reads a whole batch per call.
+
+``__getitems__`` fetches a batch with one ``take`` for the columns and one ``read_blobs`` for the image
+bytes (per-row reads are several times slower). The Lance dataset is opened lazily in each process, so
+DataLoader workers (forked or spawned) each hold their own handle and read only the rows they are given.
+
+Every random choice for a sample (which caption, crop, flip) comes from a generator seeded by
+``(seed, epoch, row)``: the same sample gets the same augmentation whichever worker or rank loads it,
+and a resumed run sees exactly the data an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import lance
+import torch
+
+from vlkit.data.store import open_dataset, split_indices
+from vlkit.data.text import TextTokenizer
+from vlkit.data.transforms import ImageTransform, mentions_side
+from vlkit.errors import DataError
+
+CaptionMode = Literal["random", "first", "all", "none"]
+
+
+class LanceImageTextDataset(torch.utils.data.Dataset):
+    """Images (and captions, labels) of one split of a Lance dataset, batched at read time.
+
+    Args:
+        path: the Lance dataset.
+        split: the split to read (``None``: every row).
+        transform: decodes and augments images; ``None`` gives the raw encoded bytes.
+        tokenizer: if given, batches carry ``input_ids`` and ``attention_mask``.
+        captions: ``random`` (one caption per image, a new draw every epoch: training), ``first``, ``all``
+            (every caption, flattened, with ``caption_image`` mapping each to its image: evaluation) or
+            ``none``.
+        seed: seed of the per-sample random choices.
+        normalize: return float images normalised with the transform's mean/std (else uint8).
+        columns: further columns to return as lists (e.g. ``["questions", "answers"]``).
+
+    Example:
+        >>> ds = LanceImageTextDataset("coco.lance", "train", ImageTransform(224, train=True), tok)
+        >>> loader = make_loader(ds, batch_size=64, sampler=DistributedEpochSampler(len(ds)))
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        split: str | None = "train",
+        transform: ImageTransform | None = None,
+        tokenizer: TextTokenizer | None = None,
+        captions: CaptionMode = "random",
+        seed: int = 0,
+        normalize: bool = True,
+        columns: Sequence[str] = (),
+    ):
+        if captions not in ("random", "first", "all", "none"):
+            raise DataError(f"captions must be random, first, all or none, not '{captions}'")
+        self.path = str(path)
+        self.split = split
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.captions = captions
+        self.seed = seed
+        self.normalize = normalize
+        self.epoch = 0
+        ds = open_dataset(path)
+        missing = [c for c in columns if c not in ds.schema.names]
+        if missing:
+            raise DataError(f"{path}: no column(s) {missing}; columns are {ds.schema.names}")
+        self.columns = list(columns)
+        self.offsets: list[int] = split_indices(ds, split)
+        if captions != "none":
+            counts = ds.to_table(columns=["captions"]).column("captions")
+            lengths = [len(counts[i]) if counts[i].is_valid else 0 for i in self.offsets]
+            empty = sum(1 for n in lengths if n == 0)
+            if empty == len(lengths):
+                raise DataError(f"{path}: split '{split}' has no captions (use captions='none' for labels)")
+        self._ds: lance.LanceDataset | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random captions and augmentations the next batches use."""
+        self.epoch = epoch
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_ds"], state["_pid"] = None, -1  # each process opens its own handle
+        return state
+
+    def _dataset(self) -> lance.LanceDataset:
+        if self._ds is None or self._pid != os.getpid():
+            self._ds = lance.dataset(self.path)
+            self._pid = os.getpid()
+        return self._ds
+
+    def _rng(self, offset: int) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{offset}")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """One batch: ``image`` [batch, 3, H, W], ``text``, ``input_ids``/``attention_mask``, ``label``,
+        ``id``, ``index`` (position in this dataset) and the extra columns."""
+        ds = self._dataset()
+        offsets = [self.offsets[i] for i in indices]
+        names = ["id", "captions", "label", *self.columns]
+        rows = ds.take(offsets, columns=names).to_pydict()
+        blobs = ds.read_blobs("image", indices=offsets, preserve_order=True)
+        batch: dict[str, Any] = {
+            "index": torch.tensor(list(indices), dtype=torch.long),
+            "id": rows["id"],
+        }
+        texts, caption_image, images = [], [], []
+        for pos, (offset, caps, (_, data)) in enumerate(zip(offsets, rows["captions"], blobs)):
+            rng = self._rng(offset)
+            caps = caps or []
+            allow_flip = True
+            if self.captions == "random" and caps:
+                texts.append(caps[rng.randrange(len(caps))])
+                allow_flip = not mentions_side(texts[-1])
+            elif self.captions == "first" and caps:
+                texts.append(caps[0])
+                allow_flip = not mentions_side(texts[-1])
+            elif self.captions == "all":
+                texts.extend(caps)
+                caption_image.extend([pos] * len(caps))
+                allow_flip = not any(mentions_side(c) for c in caps)
+            images.append(data if self.transform is None else self.transform(data, rng, allow_flip))
+        batch["image"] = images if self.transform is None else self._stack(images)
+        if self.captions != "none":
+            batch["text"] = texts
+            if self.captions == "all":
+                batch["caption_image"] = torch.tensor(caption_image, dtype=torch.long)
+            if self.tokenizer is not None:
+                batch.update(self.tokenizer(texts))
+        labels = rows["label"]
+        if all(label is not None for label in labels):
+            batch["label"] = torch.tensor(labels, dtype=torch.long)
+        for name in self.columns:
+            batch[name] = rows[name]
+        return batch
+
+    def _stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(images)  # [batch, 3, H, W] uint8
+        return self.transform.normalize(stacked) if self.normalize else stacked
+
+
+def _keep_batch(batch: Any) -> Any:
+    return batch
+
+
+def make_loader(
+    dataset: LanceImageTextDataset,
+    batch_size: int,
+    sampler: torch.utils.data.Sampler[int] | None = None,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    multiprocessing_context: str | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose workers fetch whole batches through ``__getitems__`` (no per-row collation)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_keep_batch,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,
+        multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+    )
