@@ -139,3 +139,20 @@ def test_two_ranks_two_spawned_workers_read_every_row_once(coco, tmp_path):
     order0 = [i for b in ranks[0][0] for i in b]
     order1 = [i for b in ranks[0][1] for i in b]
     assert order0 != order1  # a new shuffle every epoch
+
+
+def test_persistent_workers_follow_set_epoch(coco):
+    ds = LanceImageTextDataset(coco, "train", ImageTransform(16, train=True), captions="random", seed=5)
+    loader = make_loader(ds, batch_size=16, num_workers=1)
+    assert loader.persistent_workers and loader.multiprocessing_context.get_start_method() != "fork"
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        via_worker = [t for b in loader for t in b["text"]]
+        direct = ds.__getitems__(list(range(len(ds))))["text"]
+        assert via_worker == direct
+    assert len(loader) == -(-len(ds) // 16)
+
+
+def test_fork_is_refused(coco):
+    with pytest.raises(DataError, match="forkserver or spawn"):
+        make_loader(LanceImageTextDataset(coco, "train"), 4, num_workers=1, multiprocessing_context="fork")

@@ -279,7 +279,8 @@ def test_draft_on_real_photos() -> None:
             a = ImageTransform(64, train=train, draft=True)(data, random.Random(1))
             b = ImageTransform(64, train=train, draft=False)(data, random.Random(1))
             assert a.shape == b.shape == (3, 64, 64)
-            assert mean_abs_diff(a, b) < 3.0
+            # DRAFT_GAP 1.25 trades up to ~3/255 mean difference at 64 px for decoding at 1/4 scale
+            assert mean_abs_diff(a, b) < 4.0
 
 
 def test_train_transform_deterministic_per_rng(jpeg_800x600: bytes) -> None:

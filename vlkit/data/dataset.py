@@ -6,15 +6,21 @@ DataLoader workers (forked or spawned) each hold their own handle and read only 
 
 Every random choice for a sample (which caption, crop, flip) comes from a generator seeded by
 ``(seed, epoch, row)``: the same sample gets the same augmentation whichever worker or rank loads it,
-and a resumed run sees exactly the data an uninterrupted run would.
+and a resumed run sees exactly the data an uninterrupted run would. :func:`make_loader` sends the epoch
+with every batch of indices, so persistent workers follow ``set_epoch`` made in the main process.
+
+Workers are started with ``forkserver`` (or ``spawn``), never ``fork``: the parent has already used Lance,
+whose background threads do not survive a fork.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import lance
 import torch
@@ -107,9 +113,13 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def __getitems__(self, indices: Sequence[int] | EpochBatch) -> dict[str, Any]:
         """One batch: ``image`` [batch, 3, H, W], ``text``, ``input_ids``/``attention_mask``, ``label``,
-        ``id``, ``index`` (position in this dataset) and the extra columns."""
+        ``id``, ``index`` (position in this dataset) and the extra columns.
+
+        ``indices`` is a list of positions, or an :class:`EpochBatch` that also names the epoch."""
+        if isinstance(indices, EpochBatch):
+            self.epoch, indices = indices.epoch, indices.indices
         ds = self._dataset()
         offsets = [self.offsets[i] for i in indices]
         names = ["id", "captions", "label", *self.columns]
@@ -154,6 +164,37 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         return self.transform.normalize(stacked) if self.normalize else stacked
 
 
+@dataclass(frozen=True)
+class EpochBatch:
+    """Positions of one batch and the epoch they belong to (what the loader sends to its workers)."""
+
+    epoch: int
+    indices: list[int]
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[EpochBatch]):
+    """Groups a sampler's indices into batches tagged with the dataset's current epoch."""
+
+    def __init__(self, sampler: Iterable[int], batch_size: int, drop_last: bool, dataset: LanceImageTextDataset):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        self.sampler, self.batch_size, self.drop_last, self.dataset = sampler, batch_size, drop_last, dataset
+
+    def __iter__(self) -> Iterator[EpochBatch]:
+        epoch, batch = self.dataset.epoch, []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield EpochBatch(epoch, batch)
+                batch = []
+        if batch and not self.drop_last:
+            yield EpochBatch(epoch, batch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
 def _keep_batch(batch: Any) -> Any:
     return batch
 
@@ -167,17 +208,35 @@ def make_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     multiprocessing_context: str | None = None,
+    persistent_workers: bool = True,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose workers fetch whole batches through ``__getitems__`` (no per-row collation)."""
+    """A DataLoader whose workers fetch whole batches through ``__getitems__`` (no per-row collation).
+
+    Args:
+        dataset: the Lance dataset to read.
+        batch_size: samples per batch.
+        sampler: order of the samples (default: dataset order), e.g. a ``DistributedEpochSampler``.
+        num_workers: worker processes (0: read in this process).
+        drop_last: drop a last, smaller batch.
+        pin_memory: pin batches for faster copies to a GPU.
+        prefetch_factor: batches each worker reads ahead.
+        multiprocessing_context: ``forkserver`` (default where available) or ``spawn``; ``fork`` is refused.
+        persistent_workers: keep workers across epochs (they still follow ``dataset.set_epoch``).
+    """
+    if multiprocessing_context == "fork":
+        raise DataError("fork-started workers can hang on Lance's threads; use forkserver or spawn")
+    if num_workers > 0 and multiprocessing_context is None:
+        multiprocessing_context = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    batches = EpochBatchSampler(
+        sampler if sampler is not None else range(len(dataset)), batch_size, drop_last, dataset
+    )
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_keep_batch,
-        drop_last=drop_last,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=persistent_workers and num_workers > 0,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
     )
