@@ -88,3 +88,22 @@ def test_killed_ingest_leaves_previous_version(tmp_path):
     after.validate()
     report = ingest([captions], out, images_root=FLICKR / "images", progress=False)
     assert report.rows_added == 960 and lance.dataset(str(out)).count_rows() == 1000
+
+
+def test_extra_fields_become_columns_and_never_overwrite_core_ones(tmp_path):
+    from .conftest import jpeg_bytes
+
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(size=(20, 10)))
+    (tmp_path / "d.jsonl").write_text(
+        '{"image": "a.jpg", "text": "red", "source": "web", "width": 999, "score": 0.5, "tags": ["x"]}\n'
+        '{"image": "b.jpg", "text": ["red", "small"], "score": 1.5, "tags": []}\n'
+    )
+    out = tmp_path / "d.lance"
+    ingest([tmp_path / "d.jsonl"], out, progress=False)
+    rows = {r["id"]: r for r in lance.dataset(str(out)).to_table().drop(["image"]).to_pylist()}
+    assert rows["a.jpg"]["width"] == 48 and rows["a.jpg"]["extra_width"] == 999
+    assert rows["a.jpg"]["source"].endswith("a.jpg") and rows["a.jpg"]["extra_source"] == "web"
+    assert (rows["a.jpg"]["score"], rows["b.jpg"]["score"]) == (0.5, 1.5)
+    assert rows["a.jpg"]["tags"] == ["x"] and rows["b.jpg"]["captions"] == ["red", "small"]
+    assert rows["b.jpg"]["width"] == 20 and rows["b.jpg"]["extra_source"] is None

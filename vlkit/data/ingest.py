@@ -101,6 +101,8 @@ def collect_records(
                 merged[rec.id] = rec
     usable = []
     for rec in merged.values():
+        # a source field named like a core column (e.g. "source", "width") is kept as "extra_<name>"
+        rec.extra = {f"extra_{k}" if k in CORE_NAMES else k: v for k, v in rec.extra.items()}
         if not rec.captions and not rec.questions and rec.label is None:
             problems.append(Problem(rec.source, None, f"image '{rec.id}' has no captions, questions or label"))
         else:
@@ -150,7 +152,7 @@ def _row(rec: Record, image) -> dict:
         "answers": rec.answers,
         "split": rec.split,
         "source": str(rec.image_path),
-        **rec.extra,
+        **{k: v for k, v in rec.extra.items() if k not in CORE_NAMES},  # a core column is never overwritten
     }
 
 
