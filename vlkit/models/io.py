@@ -1,0 +1,147 @@
+"""Saving and loading models with their configuration and preprocessing (safetensors + JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_model as save_safetensors
+from torch import nn
+
+from vlkit import __version__
+from vlkit.errors import VlkitError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+def architectures() -> dict[str, type[nn.Module]]:
+    """Model classes by the architecture name stored in ``config.json``."""
+    from vlkit.models.brivl.model import BriVL
+    from vlkit.models.clip.model import CLIP
+
+    return {"clip": CLIP, "brivl": BriVL}
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build a (nested) config dataclass from a dict; unknown keys are an error naming them."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise VlkitError(f"{where}: unknown key(s) {unknown} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value, f"{where}.{name}")
+        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def save_model(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) into ``directory``.
+
+    The files are written to a temporary directory beside it, then moved into place, so an interrupted
+    save never leaves a half-written model.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        meta = {"architecture": model.architecture, "vlkit_version": __version__,
+                "config": dataclasses.asdict(model.config)}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        save_safetensors(model, str(tmp / WEIGHTS_NAME))
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_NAME)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise VlkitError(f"{directory}: not a vlkit model directory (no {CONFIG_NAME})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VlkitError(f"{path}: invalid JSON ({exc.msg})") from None
+
+
+def load_model(directory: str | Path) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` and load its weights."""
+    meta = read_config(directory)
+    arch = meta.get("architecture")
+    table = architectures()
+    if arch not in table:
+        raise VlkitError(f"{directory}: unknown architecture {arch!r}; known: {sorted(table)}")
+    cls = table[arch]
+    config = config_from_dict(cls.config_class, meta["config"], f"{directory}/{CONFIG_NAME}")
+    if "load_pretrained_encoders" in inspect.signature(cls).parameters:
+        model = cls(config, load_pretrained_encoders=False)  # the saved weights replace them anyway
+    else:
+        model = cls(config)
+    load_state_into(model, directory)
+    return model
+
+
+def load_tokenizer(directory: str | Path, model: nn.Module | None = None):
+    """The tokenizer saved beside a model, else the one its preprocessing names (or None)."""
+    from vlkit.data.text import TextTokenizer
+
+    path = Path(directory) / TOKENIZER_NAME
+    context = model.preprocess.context_length if model is not None else 77
+    if path.exists():
+        return TextTokenizer(path, max_length=context)
+    if model is not None and model.preprocess.tokenizer:
+        from vlkit.modules.encoders.hf_text import MINILM, resolve_text_encoder_path
+
+        name = model.preprocess.tokenizer
+        return TextTokenizer(resolve_text_encoder_path(name) if name == MINILM else name, max_length=context)
+    return None
+
+
+def check_keys(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one error naming missing and unexpected keys (and shape mismatches)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:10]}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:10]}"
+                        + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+    if shapes:
+        problems.append(f"shape mismatches {shapes[:10]}")
+    if problems:
+        raise VlkitError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+def load_state_into(model: nn.Module, path: str | Path) -> None:
+    """Load weights from a vlkit model directory or a ``.safetensors`` file, strictly."""
+    path = Path(path)
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if not file.exists():
+        raise VlkitError(f"{path}: no weights found ({file.name} missing)")
+    state = load_file(str(file))
+    check_keys(model, state, str(file))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,1 @@
+"""Building blocks: layers, encoders, losses."""

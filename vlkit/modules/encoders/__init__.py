@@ -1,0 +1,1 @@
+"""Encoders: ViT, text transformer, EfficientNet-Lite, Hugging Face text encoders."""

@@ -1,0 +1,1 @@
+"""Layers: attention, transformer blocks, MLP, patch and position embeddings, pooling."""

@@ -1,0 +1,138 @@
+"""Multi-head attention on ``scaled_dot_product_attention``: self and cross attention, padding and causal
+masks, and a key/value cache for incremental decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens decoded so far, preallocated to ``max_len``.
+
+    Attributes:
+        keys: ``[batch, heads, max_len, head_dim]``.
+        values: ``[batch, heads, max_len, head_dim]``.
+        length: number of valid positions.
+    """
+
+    keys: Tensor
+    values: Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, device=None, dtype=None) -> "KVCache":
+        shape = (batch, heads, max_len, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k``/``v`` of new tokens ``[batch, heads, new, head_dim]``; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.keys.shape[2]}")
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def merge_masks(
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, batch: int, q_len: int, k_len: int
+) -> Tensor | None:
+    """One boolean mask ``[batch, 1, q_len, k_len]`` (True = attend) from an attention mask and a padding mask.
+
+    Args:
+        attn_mask: ``[q_len, k_len]`` or ``[batch, q_len, k_len]``, boolean (True = attend) or additive float.
+        key_padding_mask: ``[batch, k_len]``, True (or 1) where the key is a real token.
+    """
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask > -1e4  # additive masks: large negatives mean "do not attend"
+        mask = attn_mask.reshape(-1, 1, q_len, k_len) if attn_mask.dim() == 3 else attn_mask[None, None]
+    if key_padding_mask is not None:
+        pad = key_padding_mask.to(torch.bool)[:, None, None, :]  # [batch, 1, 1, k_len]
+        mask = pad if mask is None else mask & pad
+    if mask is not None:
+        mask = mask.expand(batch, 1, q_len, k_len)
+    return mask
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention. Self-attention uses one fused ``in_proj`` (q, k, v); cross-attention
+    (``kv_dim`` given) projects queries with ``q_proj`` and the context with ``kv_proj``.
+
+    Args:
+        dim: model width (queries and output).
+        num_heads: attention heads; ``dim`` must divide evenly.
+        kv_dim: width of the context for cross-attention (None: self-attention).
+        bias: biases on the projections.
+        dropout: attention dropout (training only).
+    """
+
+    def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.cross = kv_dim is not None
+        if self.cross:
+            self.q_proj = nn.Linear(dim, dim, bias=bias)
+            self.kv_proj = nn.Linear(kv_dim, 2 * dim, bias=bias)
+        else:
+            self.in_proj = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.dropout = dropout
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, tokens, head_dim]
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """Attend from ``x`` [batch, q_len, dim] to itself or to ``context`` [batch, k_len, kv_dim].
+
+        Args:
+            attn_mask: boolean (True = attend) or additive, ``[q_len, k_len]`` or ``[batch, q_len, k_len]``.
+            key_padding_mask: ``[batch, k_len]``, True where the key is a real token.
+            is_causal: each query attends only to keys at or before its position. With ``kv_cache``, the new
+                tokens follow the cached ones, so query i attends to keys ``< cached + i + 1``.
+            kv_cache: self-attention cache for incremental decoding (keys/values of earlier tokens).
+
+        Returns:
+            ``[batch, q_len, dim]``.
+        """
+        b, q_len, _ = x.shape
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            q = self._heads(self.q_proj(x))
+            k, v = (self._heads(t) for t in self.kv_proj(context).chunk(2, dim=-1))
+        else:
+            q, k, v = (self._heads(t) for t in self.in_proj(x).chunk(3, dim=-1))
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.append(k, v)
+        k_len = k.shape[2]
+        mask = merge_masks(attn_mask, key_padding_mask, b, q_len, k_len)
+        causal_fast = is_causal and mask is None and past == 0
+        if is_causal and not causal_fast:
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = causal[None, None] if mask is None else mask & causal
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal_fast
+        )  # [batch, heads, q_len, head_dim]
+        out = out.transpose(1, 2).reshape(b, q_len, self.dim)
+        return self.out_proj(out)

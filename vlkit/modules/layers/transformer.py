@@ -1,0 +1,103 @@
+"""Pre-norm transformer encoder and decoder layers, and a stack with activation checkpointing."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import KVCache, MultiHeadAttention
+from .mlp import MLP
+
+
+class TransformerEncoderLayer(nn.Module):
+    """x + attn(ln_1(x)); x + mlp(ln_2(x)).
+
+    Args:
+        dim: width.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / dim.
+        act: MLP activation.
+        norm_eps: LayerNorm epsilon.
+        dropout: dropout on the residual branches.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu", norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = MultiHeadAttention(dim, num_heads)
+        self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
+        is_causal: bool = False, kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                    is_causal=is_causal, kv_cache=kv_cache))
+        return x + self.drop(self.mlp(self.ln_2(x)))  # [batch, tokens, dim]
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention to a context (e.g. image tokens), MLP; all pre-norm.
+
+    Args:
+        dim: width.
+        num_heads: attention heads.
+        context_dim: width of the context tokens.
+        mlp_ratio: MLP hidden width / dim.
+        act: MLP activation.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int | None = None, mlp_ratio: float = 4.0, act: str = "gelu",
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.self_attn = MultiHeadAttention(dim, num_heads)
+        self.ln_cross = nn.LayerNorm(dim, eps=norm_eps)
+        self.cross_attn = MultiHeadAttention(dim, num_heads, kv_dim=context_dim or dim)
+        self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+
+    def forward(
+        self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None,
+        context_padding_mask: Tensor | None = None, is_causal: bool = True, kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        x = x + self.self_attn(self.ln_1(x), key_padding_mask=key_padding_mask, is_causal=is_causal,
+                               kv_cache=kv_cache)
+        x = x + self.cross_attn(self.ln_cross(x), context, key_padding_mask=context_padding_mask)
+        return x + self.mlp(self.ln_2(x))  # [batch, tokens, dim]
+
+
+class Transformer(nn.Module):
+    """A stack of encoder layers; ``grad_checkpointing`` recomputes each layer in the backward pass.
+
+    Args:
+        layers: the layers, applied in order.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.grad_checkpointing = False
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
+        is_causal: bool = False, kv_caches: Sequence[KVCache] | None = None,
+    ) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            if self.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, attn_mask, key_padding_mask, is_causal, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                          kv_cache=cache)
+        return x
