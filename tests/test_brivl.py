@@ -65,3 +65,21 @@ def test_save_load_round_trip(model, batch, tmp_path):
     assert torch.allclose(loaded.encode_text(text["input_ids"], text["attention_mask"]),
                           model.encode_text(text["input_ids"], text["attention_mask"]), atol=1e-6)
     assert load_tokenizer(tmp_path / "b", loaded) is not None
+
+
+def test_momentum_heads_and_queues(batch):
+    torch.manual_seed(3)
+    m = vlkit.create_model("brivl-tiny", momentum=0.9, queue_size=8).train()
+    images, text = batch
+    out = m(images, text["input_ids"], text["attention_mask"])
+    assert out.image_embeds_m.shape == (3, 32) and not out.image_embeds_m.requires_grad
+    loss = m.queue(out.image_embeds, out.text_embeds, out.image_embeds_m, out.text_embeds_m).loss
+    loss.backward()
+    assert m.image_head.proj.weight.grad is not None
+    assert int(m.queue.image_queue.filled) == 3  # the batch's momentum features were enqueued
+    before = m.momentum_heads["image"].proj.weight.clone()
+    with torch.no_grad():
+        m.image_head.proj.weight.add_(1.0)
+    m.momentum_step()
+    expected = 0.9 * before + 0.1 * m.image_head.proj.weight
+    assert torch.allclose(m.momentum_heads["image"].proj.weight, expected, atol=1e-6)
