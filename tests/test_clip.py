@@ -69,3 +69,16 @@ def test_grad_checkpointing_same_gradients():
     plain = grads()
     model.set_grad_checkpointing(True)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads()))
+
+
+def test_pooled_fast_paths_equal_the_full_computation():
+    torch.manual_seed(4)
+    model = vlkit.create_model("clip-tiny").eval()
+    images = torch.randn(2, 3, 32, 32)
+    tokens = model.visual.forward_features(images)
+    assert torch.allclose(model.visual(images), model.visual.pool(tokens), atol=1e-5)
+    ids = torch.randint(1, 998, (2, 12))
+    ids[0, 4], ids[1, 7] = 999, 999
+    ids[0, 5:], ids[1, 8:] = 0, 0
+    full = model.text.pool(model.text.forward_features(ids), ids)
+    assert torch.allclose(model.text(ids), full, atol=1e-5)

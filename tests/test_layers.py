@@ -169,3 +169,17 @@ def test_attention_pool_shapes_and_padding():
     changed = tokens.clone()
     changed[:, 4:] = 100.0  # masked tokens cannot change the result
     assert torch.allclose(pool(changed, key_padding_mask=mask), out, atol=1e-5)
+
+
+def test_forward_at_equals_the_full_layer_at_those_positions():
+    layer = TransformerEncoderLayer(32, 4).eval()
+    x = torch.randn(3, 8, 32)
+    index = torch.tensor([0, 5, 7])
+    pad = torch.ones(3, 8, dtype=torch.bool)
+    pad[0, 6:] = False
+    for causal in (False, True):
+        full = layer(x, key_padding_mask=pad, is_causal=causal)[torch.arange(3), index]
+        assert torch.allclose(layer.forward_at(x, index, pad, causal)[:, 0], full, atol=1e-5)
+    stack = Transformer([TransformerEncoderLayer(32, 4) for _ in range(3)]).eval()
+    full = stack(x, is_causal=True)[torch.arange(3), index]
+    assert torch.allclose(stack(x, is_causal=True, output_index=index)[:, 0], full, atol=1e-5)

@@ -60,14 +60,15 @@ class TextTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def forward_features(self, input_ids: Tensor) -> Tensor:
-        """Token features ``[batch, length, width]`` after ``ln_final``."""
+    def _embed(self, input_ids: Tensor) -> Tensor:
         length = input_ids.shape[1]
         if length > self.config.context_length:
             raise ValueError(f"{length} tokens exceed the context length {self.config.context_length}")
-        x = self.token_embedding(input_ids) + self.pos_embed[:length]  # [batch, length, width]
-        x = self.transformer(x, is_causal=True)
-        return self.ln_final(x)
+        return self.token_embedding(input_ids) + self.pos_embed[:length]  # [batch, length, width]
+
+    def forward_features(self, input_ids: Tensor) -> Tensor:
+        """Token features ``[batch, length, width]`` after ``ln_final``."""
+        return self.ln_final(self.transformer(self._embed(input_ids), is_causal=True))
 
     def eos_positions(self, input_ids: Tensor) -> Tensor:
         """Index of the end-of-text token of each sequence ``[batch]``."""
@@ -79,5 +80,15 @@ class TextTransformer(nn.Module):
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eos_positions(input_ids)]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """``attention_mask`` is accepted for a uniform interface and not needed (attention is causal)."""
-        return self.pool(self.forward_features(input_ids), input_ids)  # [batch, width]
+        """Pooled feature ``[batch, width]`` at the end-of-text tokens.
+
+        Only what the pooled feature depends on is computed: attention is causal, so positions after the
+        batch's last end-of-text token are cut off (on CPU, where finding that position costs no device
+        synchronisation), and the last block runs for the end-of-text tokens only. ``attention_mask`` is
+        accepted for a uniform interface and not needed.
+        """
+        eos = self.eos_positions(input_ids)
+        if input_ids.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            input_ids = input_ids[:, : int(eos.max()) + 1]
+        x = self.transformer(self._embed(input_ids), is_causal=True, output_index=eos)
+        return self.ln_final(x[:, 0])  # [batch, width]

@@ -69,13 +69,15 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         """Token features ``[batch, 1 + patches, width]`` after the blocks (before ``ln_post``)."""
+        return self.transformer(self._embed(images))
+
+    def _embed(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images)  # [batch, patches, width]
         grid = self.patch_embed.grid(images.shape[-2], images.shape[-1])
         pos = resample_grid(self.pos_embed, self.grid, grid)
         cls = self.class_embedding.to(x.dtype)[None, None].expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)  # [batch, 1 + patches, width]
-        x = self.ln_pre(self.patch_dropout(x))
-        return self.transformer(x)
+        return self.ln_pre(self.patch_dropout(x))
 
     def pool(self, tokens: Tensor) -> Tensor:
         """Pooled, normalised feature ``[batch, width]`` from :meth:`forward_features` output."""
@@ -83,4 +85,10 @@ class VisionTransformer(nn.Module):
         return self.ln_post(pooled)
 
     def forward(self, images: Tensor) -> Tensor:
+        """Pooled feature ``[batch, width]``. With class-token pooling the last block is computed for the
+        class token only (its other outputs are never read)."""
+        if self.config.pool == "cls":
+            x = self._embed(images)
+            index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            return self.ln_post(self.transformer(x, output_index=index)[:, 0])
         return self.pool(self.forward_features(images))

@@ -136,3 +136,30 @@ class MultiHeadAttention(nn.Module):
         )  # [batch, heads, q_len, head_dim]
         out = out.transpose(1, 2).reshape(b, q_len, self.dim)
         return self.out_proj(out)
+
+    def forward_at(self, x: Tensor, index: Tensor, is_causal: bool = False,
+                   key_padding_mask: Tensor | None = None) -> Tensor:
+        """Self-attention output for one query position per sequence: ``x`` [batch, tokens, dim] and
+        ``index`` [batch] -> ``[batch, 1, dim]``.
+
+        Equal to ``forward(x, ...)[range(batch), index]`` at a fraction of the cost: keys and values are
+        computed for every token, the query and the output projection only at ``index``. Used by encoders
+        whose last layer is only read at a pooled position (CLIP's class token, its end-of-text token).
+        """
+        if self.cross:
+            raise ValueError("forward_at is for self-attention")
+        b, n, d = x.shape
+        w_q, w_kv = self.in_proj.weight[:d], self.in_proj.weight[d:]
+        b_q, b_kv = (None, None) if self.in_proj.bias is None else (self.in_proj.bias[:d], self.in_proj.bias[d:])
+        rows = x[torch.arange(b, device=x.device), index][:, None]  # [batch, 1, dim]
+        q = self._heads(F.linear(rows, w_q, b_q))  # [batch, heads, 1, head_dim]
+        k, v = (self._heads(t) for t in F.linear(x, w_kv, b_kv).chunk(2, dim=-1))
+        mask = None
+        if is_causal:
+            mask = (torch.arange(n, device=x.device)[None] <= index[:, None])[:, None, None]  # [batch, 1, 1, n]
+        if key_padding_mask is not None:
+            pad = key_padding_mask.to(torch.bool)[:, None, None, :]
+            mask = pad if mask is None else mask & pad
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [batch, heads, 1, head_dim]
+        return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -41,6 +42,14 @@ class TransformerEncoderLayer(nn.Module):
         x = x + self.drop(self.attn(self.ln_1(x), attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                     is_causal=is_causal, kv_cache=kv_cache))
         return x + self.drop(self.mlp(self.ln_2(x)))  # [batch, tokens, dim]
+
+    def forward_at(self, x: Tensor, index: Tensor, key_padding_mask: Tensor | None = None,
+                   is_causal: bool = False) -> Tensor:
+        """The layer's output at one position per sequence, ``[batch, 1, dim]`` (see
+        :meth:`MultiHeadAttention.forward_at`): the MLP runs on one token instead of all."""
+        rows = x[torch.arange(x.shape[0], device=x.device), index][:, None]  # [batch, 1, dim]
+        rows = rows + self.drop(self.attn.forward_at(self.ln_1(x), index, is_causal, key_padding_mask))
+        return rows + self.drop(self.mlp(self.ln_2(rows)))
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -91,13 +100,27 @@ class Transformer(nn.Module):
 
     def forward(
         self, x: Tensor, attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
-        is_causal: bool = False, kv_caches: Sequence[KVCache] | None = None,
+        is_causal: bool = False, kv_caches: Sequence[KVCache] | None = None, output_index: Tensor | None = None,
     ) -> Tensor:
-        for i, layer in enumerate(self.layers):
+        """Run the stack on ``x`` [batch, tokens, dim].
+
+        Args:
+            output_index: if given ([batch] positions), only the output at these positions is wanted: the
+                last layer computes just them and ``[batch, 1, dim]`` is returned.
+        """
+        layers = list(self.layers)
+        last = None
+        if output_index is not None and attn_mask is None and kv_caches is None:
+            layers, last = layers[:-1], layers[-1]
+        for i, layer in enumerate(layers):
             cache = kv_caches[i] if kv_caches is not None else None
             if self.grad_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, attn_mask, key_padding_mask, is_causal, use_reentrant=False)
             else:
                 x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
                           kv_cache=cache)
+        if last is not None:
+            return last.forward_at(x, output_index, key_padding_mask, is_causal)
+        if output_index is not None:
+            return x[torch.arange(x.shape[0], device=x.device), output_index][:, None]
         return x
