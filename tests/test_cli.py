@@ -29,17 +29,21 @@ def test_synth_info_show(tmp_path):
     assert sheet.getpixel((8 + 112, 8 + 112)) != (255, 255, 255)
 
 
-def test_quickstart_ingests_the_bundled_sample(tmp_path):
-    proc = run_cli("quickstart", "--out", tmp_path / "qs", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+def test_quickstart_runs_the_main_job(tmp_path):
+    """The whole main job, shortened to 2 epochs: ingest, train, evaluate, curves, example query."""
+    proc = run_cli("quickstart", "--out", tmp_path / "qs", "epochs=2", "progress=false", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "76 images, 380 captions, 26 questions" in proc.stdout
-    assert (tmp_path / "qs" / "sheet.png").exists()
-    again = run_cli("quickstart", "--out", tmp_path / "qs", cwd=tmp_path)
-    assert again.returncode == 0 and "ingested 0 new images" in again.stdout
+    assert "t2i_r1" in proc.stdout and "example query" in proc.stdout
+    for path in ("sheet.png", "run/curves.png", "run/model/model.safetensors", "run/metrics.jsonl",
+                 "run/config.yaml", "run/environment.json", "summary.json"):
+        assert (tmp_path / "qs" / path).exists(), path
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert 0 <= summary["metrics"]["val/data/t2i_r1"] <= 100
 
 
 def test_help_lists_subcommands():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for name in ("ingest", "data", "quickstart"):
+    for name in ("ingest", "data", "train", "configs", "plot", "quickstart"):
         assert name in proc.stdout

@@ -10,7 +10,7 @@ from vlkit import __version__
 from vlkit.errors import VlkitError
 
 # Subcommand modules, in the order ``vlkit --help`` lists them.
-SUBCOMMANDS = ("ingest", "data", "quickstart")
+SUBCOMMANDS = ("ingest", "data", "train", "configs", "plot", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:

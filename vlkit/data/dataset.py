@@ -209,6 +209,7 @@ def make_loader(
     prefetch_factor: int | None = None,
     multiprocessing_context: str | None = None,
     persistent_workers: bool = True,
+    seed: int = 0,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose workers fetch whole batches through ``__getitems__`` (no per-row collation).
 
@@ -222,6 +223,8 @@ def make_loader(
         prefetch_factor: batches each worker reads ahead.
         multiprocessing_context: ``forkserver`` (default where available) or ``spawn``; ``fork`` is refused.
         persistent_workers: keep workers across epochs (they still follow ``dataset.set_epoch``).
+        seed: seed of the loader's own generator, so starting an iteration never draws from (and so never
+            shifts) the global torch random state: a run resumed mid-epoch keeps the same random stream.
     """
     if multiprocessing_context == "fork":
         raise DataError("fork-started workers can hang on Lance's threads; use forkserver or spawn")
@@ -239,4 +242,5 @@ def make_loader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=persistent_workers and num_workers > 0,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -105,6 +105,8 @@ class BriVL(nn.Module):
 
     architecture = "brivl"
     config_class = BriVLConfig
+    #: pretrained encoders get the tower learning rates; MSPP, self-attention and MLP heads the head rate
+    LR_GROUPS = {"image": ("backbone.",), "text": ("text_backbone.",)}
 
     def __init__(self, config: BriVLConfig, load_pretrained_encoders: bool = True):
         super().__init__()

@@ -43,6 +43,8 @@ class CLIP(nn.Module):
 
     architecture = "clip"
     config_class = CLIPConfig
+    #: parameter-name prefixes of each tower, for per-tower learning rates (the rest are heads)
+    LR_GROUPS = {"image": ("visual.",), "text": ("text.",)}
 
     def __init__(self, config: CLIPConfig):
         super().__init__()

@@ -37,8 +37,12 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
-        is_causal: bool = False, kv_cache: KVCache | None = None,
+        is_causal: bool = False, kv_cache: KVCache | None = None, output_index: Tensor | None = None,
     ) -> Tensor:
+        """``output_index`` ([batch] positions): compute and return only those rows, ``[batch, 1, dim]``
+        (see :meth:`forward_at`); passing it through ``__call__`` keeps module hooks (FSDP) working."""
+        if output_index is not None:
+            return self.forward_at(x, output_index, key_padding_mask, is_causal)
         x = x + self.drop(self.attn(self.ln_1(x), attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                     is_causal=is_causal, kv_cache=kv_cache))
         return x + self.drop(self.mlp(self.ln_2(x)))  # [batch, tokens, dim]
@@ -120,7 +124,7 @@ class Transformer(nn.Module):
                 x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
                           kv_cache=cache)
         if last is not None:
-            return last.forward_at(x, output_index, key_padding_mask, is_causal)
+            return last(x, key_padding_mask=key_padding_mask, is_causal=is_causal, output_index=output_index)
         if output_index is not None:
             return x[torch.arange(x.shape[0], device=x.device), output_index][:, None]
         return x

@@ -1,0 +1,1 @@
+"""Typed training configs: dataclass schemas, YAML loading, ``key=value`` overrides, validation."""

@@ -1,0 +1,362 @@
+"""The training loop: tasks over datasets, AdamW with parameter groups, mixed precision, gradient
+accumulation, EMA, evaluation, checkpoints with exact resume, DDP or FSDP2 under torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vlkit.config.schema import TrainConfig
+from vlkit.errors import VlkitError
+from vlkit.models.io import save_model
+from vlkit.tasks import build_task
+from vlkit.tasks.retrieval import unwrap
+from vlkit.train import distributed as D
+from vlkit.train.checkpoint import (load_checkpoint, resolve_checkpoint, rng_states, save_checkpoint,
+                                    set_rng_states)
+from vlkit.train.model_setup import build_model_and_tokenizer
+from vlkit.train.optim import build_optimizer, build_scheduler
+from vlkit.train.runlog import RunLog, environment
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must share with the config that resumes it."""
+    return {"name": cfg.model.name, "args": cfg.model.args,
+            "lock": dataclasses.asdict(cfg.model.lock) if cfg.model.lock else None}
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise VlkitError("precision=fp16 needs a GPU (it uses a gradient scaler); use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class _Autocast:
+    """A re-enterable autocast context (a fresh one per ``with``)."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.precision, self.device = precision, device
+        autocast_for(precision, device)  # validate now
+        self._stack: list = []
+
+    def __enter__(self):
+        ctx = autocast_for(self.precision, self.device)
+        self._stack.append(ctx)
+        return ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._stack.pop().__exit__(*exc)
+
+
+def wrap_distributed(model: nn.Module, cfg: TrainConfig, dist: D.DistInfo) -> nn.Module:
+    if not dist.enabled:
+        return model
+    if cfg.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = []
+        for tower in ("image", "text"):
+            blocks.extend(model.tower_blocks(tower))
+        for block in blocks:
+            fully_shard(block)
+        # scalars (the logit scale) cannot be sharded: they stay replicated, their gradients averaged by
+        # the trainer (see Trainer._average_replicated_grads)
+        scalars = {p for p in model.parameters() if p.ndim == 0}
+        fully_shard(model, ignored_params=scalars or None)
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        for method in ("encode_image", "encode_text"):  # evaluation calls these instead of forward
+            register_fsdp_forward_method(model, method)
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+
+def full_state_dicts(model: nn.Module, optimizer, cfg: TrainConfig, dist: D.DistInfo):
+    """Model and optimizer state as full (unsharded) dicts on every rank's CPU."""
+    if cfg.distributed == "fsdp" and dist.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def load_full_state_dicts(model: nn.Module, optimizer, model_state, optim_state, cfg: TrainConfig,
+                          dist: D.DistInfo) -> None:
+    if cfg.distributed == "fsdp" and dist.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    unwrap(model).load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig`. ``run()`` returns the last evaluation's metrics."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.dist = D.setup(cfg.device)
+        if cfg.batch_size % (self.dist.world_size * cfg.grad_accum):
+            raise VlkitError(f"batch_size {cfg.batch_size} must divide by world size {self.dist.world_size} "
+                             f"x grad_accum {cfg.grad_accum}")
+        self.per_rank_batch = cfg.batch_size // self.dist.world_size
+        self.run_dir = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        self.model, self.tokenizer = build_model_and_tokenizer(cfg, self.dist)
+        self.model.to(self.dist.device)
+        self.tasks = [build_task(t.name, t.dataset, t, cfg.datasets[t.dataset], self.tokenizer,
+                                 unwrap(self.model).preprocess, self.dist, seed=cfg.seed, augment=cfg.augment)
+                      for t in cfg.tasks]
+        for task in self.tasks:
+            task.to(self.dist.device)
+        self.loaders = [task.train_loader(self.per_rank_batch) for task in self.tasks]
+        self.steps_per_epoch = min(t.sampler.samples_per_rank // self.per_rank_batch for t in self.tasks)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if cfg.grad_checkpointing:
+            unwrap(self.model).set_grad_checkpointing(True)
+        if cfg.distributed == "fsdp" and self.dist.enabled:
+            import copy
+
+            self._template = copy.deepcopy(self.model).cpu()  # unsharded shell for the final saved model
+        self.model = wrap_distributed(self.model, cfg, self.dist)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        params = nn.ModuleDict({"model": unwrap(self.model), "tasks": nn.ModuleList(self.tasks)})
+        self.optimizer = build_optimizer(params, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.ema = None
+        if cfg.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                     use_buffers=True)
+        self.autocast = _Autocast(cfg.precision, self.dist.device)
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.best: float | None = None
+        self.last_eval: dict[str, float] = {}
+        self.log = RunLog(self.run_dir, cfg.tensorboard) if self.dist.is_main else None
+        if cfg.resume:
+            self._resume(resolve_checkpoint(cfg.resume, self.run_dir))
+        elif self.dist.is_main:
+            self._start_run_dir()
+
+    # ------------------------------------------------------------------ run directory
+    def _start_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "metrics.jsonl").write_text("")
+        from vlkit.config.load import dump_yaml
+
+        (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        (self.run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
+        if self.tokenizer is not None:
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        model_state, optim_state = full_state_dicts(self.model, self.optimizer, self.cfg, self.dist)
+        return {
+            "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
+            "tasks": [t.state_dict() for t in self.tasks], "rng": rng_states(),
+            "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step},
+            "best": self.best, "fingerprint": model_fingerprint(self.cfg),
+            "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
+        }
+
+    def save(self, best: bool = False) -> None:
+        state = self._state()  # a collective under FSDP: every rank takes part
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, self.global_step, state, self.cfg.keep_last, best=best)
+        D.barrier()
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        mine = model_fingerprint(self.cfg)
+        if state.get("fingerprint") != mine:
+            raise VlkitError(f"{path}: checkpoint of another model ({state.get('fingerprint')}), "
+                             f"not {mine}; start a new output_dir or fix the config")
+        if state["batch_size"] != self.cfg.batch_size:
+            raise VlkitError(f"{path}: checkpoint was trained with batch_size {state['batch_size']}, "
+                             f"config has {self.cfg.batch_size}; resuming would not continue the same run")
+        try:
+            load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"], self.cfg, self.dist)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise VlkitError(f"{path}: checkpoint does not fit this model/config ({str(exc).splitlines()[0]})") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        for task, task_state in zip(self.tasks, state["tasks"]):
+            task.load_state_dict(task_state)
+        pos = state["position"]
+        self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        self.best = state["best"]
+        set_rng_states(state["rng"])
+        if self.log is not None:
+            self.log.truncate_after(self.global_step)
+
+    # ------------------------------------------------------------------ steps
+    def _clamp_scales(self) -> None:
+        inner = unwrap(self.model)
+        with torch.no_grad():
+            for module in (inner, *self.tasks):
+                for name, p in module.named_parameters():
+                    if name.endswith("logit_scale"):
+                        p.clamp_(0, math.log(100.0))
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        total = 0.0
+        for task, batch in zip(self.tasks, batches):
+            out = task.forward_backward(self.model, batch, self.cfg.grad_accum, self.autocast, scaler=self.scaler)
+            logs[f"train/{task.key}/loss"] = out["loss"]
+            total += task.cfg.weight * out["loss"]
+        self._average_replicated_grads()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            logs["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self._clamp_scales()
+        inner = unwrap(self.model)
+        if hasattr(inner, "momentum_step"):
+            inner.momentum_step()
+        if self.ema is not None:
+            self.ema.update_parameters(inner)
+        logs["train/loss"] = total
+        logs["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        return logs
+
+    def _average_replicated_grads(self) -> None:
+        """Under FSDP, average the gradients of the parameters it does not manage (scalars), as DDP would."""
+        if not (self.dist.enabled and self.cfg.distributed == "fsdp"):
+            return
+        import torch.distributed as tdist
+
+        for p in unwrap(self.model).parameters():
+            if p.ndim == 0 and p.grad is not None:
+                tdist.all_reduce(p.grad)
+                p.grad /= self.dist.world_size
+
+    def evaluate(self) -> dict[str, float]:
+        model = self.ema.module if self.ema is not None else self.model
+        metrics: dict[str, float] = {}
+        for task in self.tasks:
+            metrics.update(task.evaluate(model, self.autocast))
+        self.last_eval = metrics
+        return metrics
+
+    def _after_eval(self, metrics: dict[str, float]) -> bool:
+        """Log evaluation metrics; True when the chosen metric improved."""
+        if self.log is not None and metrics:
+            self.log.log(self.global_step, metrics)
+        key = self.cfg.best_metric
+        if key is None or key not in metrics:
+            return False
+        if self.best is None or metrics[key] > self.best:
+            self.best = metrics[key]
+            return True
+        return False
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        show = cfg.progress and self.dist.is_main
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", disable=not show,
+                   dynamic_ncols=True, unit="step")
+        seen, started = 0, time.perf_counter()
+        while self.global_step < self.total_steps:
+            for task in self.tasks:
+                task.set_epoch(self.epoch, self.step_in_epoch * self.per_rank_batch)
+            iterators = [iter(loader) for loader in self.loaders]
+            while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps:
+                batches = [next(it) for it in iterators]
+                logs = self.train_step(batches)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                seen += cfg.batch_size
+                logs["train/samples_per_s"] = seen / max(1e-9, time.perf_counter() - started)
+                logs["train/epoch"] = self.epoch + self.step_in_epoch / self.steps_per_epoch
+                if self.log is not None and (self.global_step % cfg.log_every == 0 or self.global_step == 1):
+                    self.log.log(self.global_step, logs)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}",
+                                sps=f"{logs['train/samples_per_s']:.1f}")
+                is_best = False
+                if cfg.eval_every and self.global_step % cfg.eval_every == 0:
+                    is_best = self._after_eval(self.evaluate())
+                if (cfg.save_every and self.global_step % cfg.save_every == 0) or is_best:
+                    self.save(best=is_best)
+            if self.step_in_epoch >= self.steps_per_epoch:
+                self.epoch += 1
+                self.step_in_epoch = 0
+                is_best = False
+                if not cfg.eval_every:
+                    is_best = self._after_eval(self.evaluate())
+                if not cfg.save_every or is_best:
+                    self.save(best=is_best)
+        bar.close()
+        if not self.last_eval:
+            self._after_eval(self.evaluate())
+        self.finish()
+        return self.last_eval
+
+    def finish(self) -> None:
+        sharded = self.cfg.distributed == "fsdp" and self.dist.enabled
+        final = self._gathered_model() if sharded else unwrap(self.model)  # a collective under FSDP
+        if self.dist.is_main:
+            save_model(final, self.run_dir / "model", self.tokenizer)
+            if self.ema is not None:
+                save_model(self.ema.module, self.run_dir / "model_ema", self.tokenizer)
+            if self.log is not None:
+                self.log.close()
+        D.teardown()
+
+    def _gathered_model(self) -> nn.Module | None:
+        import copy
+
+        model_state, _ = full_state_dicts(self.model, self.optimizer, self.cfg, self.dist)
+        if not self.dist.is_main:
+            return None  # the full state is gathered on rank 0 only
+        clone = copy.deepcopy(self._template)
+        clone.load_state_dict(model_state)
+        return clone
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Train ``cfg`` and return the final evaluation metrics."""
+    return Trainer(cfg).run()
