@@ -32,3 +32,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
         [sys.executable, "-m", "vlkit", *map(str, args)],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """A 300-image synthetic shapes dataset (train/val/test by hash), shared by the training tests."""
+    from vlkit.data.ingest import ingest
+    from vlkit.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    ingest([generate(root, 300, seed=4)], root / "synth.lance", progress=False)
+    return root / "synth.lance"

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
-import random
 import subprocess
 import sys
-from pathlib import Path
 
 import lance
 import numpy as np
@@ -17,7 +14,6 @@ from PIL import Image
 
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.ingest import ingest
-from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.data.text import build_word_tokenizer
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from vlkit.errors import DataError

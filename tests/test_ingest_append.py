@@ -9,7 +9,6 @@ import sys
 import time
 
 import lance
-import pytest
 
 from vlkit.data.ingest import ingest
 

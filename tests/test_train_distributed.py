@@ -6,11 +6,10 @@ import json
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from .test_train_resume import losses, synth  # noqa: F401  (fixture)
+from .test_train_resume import losses
 
 CONFIG = """# torchrun --nproc_per_node 2 -m vlkit train {path}
 model: {{name: clip-tiny}}
@@ -32,7 +31,7 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_gloo_processes_match_one(synth, tmp_path, strategy):  # noqa: F811
+def test_two_gloo_processes_match_one(synth, tmp_path, strategy):
     cfg = tmp_path / "d.yaml"
     cfg.write_text(CONFIG.format(path=cfg, data=synth))
     one = subprocess.run([sys.executable, "-m", "vlkit", "train", str(cfg), f"output_dir={tmp_path / 'one'}"],

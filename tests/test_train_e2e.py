@@ -8,10 +8,9 @@ from vlkit.config.load import load_config
 from vlkit.data.store import dataset_info
 from vlkit.train.trainer import Trainer
 
-from .test_train_resume import synth  # noqa: F401  (fixture)
 
 
-def test_clip_tiny_learns_synthetic_shapes(synth, tmp_path):  # noqa: F811
+def test_clip_tiny_learns_synthetic_shapes(synth, tmp_path):
     cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", "tasks=[{name: retrieval, dataset: synth}]",
                              "model.name=clip-tiny", "batch_size=32", "epochs=12", "log_every=1",
                              "progress=false", f"output_dir={tmp_path / 'run'}", "optim.warmup_steps=10",

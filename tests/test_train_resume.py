@@ -13,9 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from vlkit.data.ingest import ingest
-from vlkit.data.synth import generate
-
 from .conftest import run_cli
 
 CONFIG = """# vlkit train {path}
@@ -31,13 +28,6 @@ progress: false
 tensorboard: false
 optim: {{warmup_steps: 3, lr_image: 1.0e-3, lr_text: 1.0e-3, lr_head: 1.0e-3}}
 """
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    ingest([generate(root, 300, seed=4)], root / "synth.lance", progress=False)
-    return root / "synth.lance"
 
 
 def write_config(tmp_path: Path, data: Path) -> Path:

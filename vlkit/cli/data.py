@@ -44,7 +44,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"images      {info['images']}")
     print(f"captions    {info['captions']}")
     print(f"questions   {info['questions']}")
-    print(f"splits      " + ", ".join(f"{k}: {v}" for k, v in info["splits"].items()))
+    print("splits      " + ", ".join(f"{k}: {v}" for k, v in info["splits"].items()))
     if info["classes"]:
         shown = ", ".join(info["classes"][:12]) + (" ..." if len(info["classes"]) > 12 else "")
         print(f"classes     {len(info['classes'])} ({shown})")

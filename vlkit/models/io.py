@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
-import shutil
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from torch import nn
 
 from vlkit import __version__
 from vlkit.errors import VlkitError
+from vlkit.utils.fs import atomic_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -57,20 +55,13 @@ def save_model(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     save never leaves a half-written model.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         meta = {"architecture": model.architecture, "vlkit_version": __version__,
                 "config": dataclasses.asdict(model.config)}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         save_safetensors(model, str(tmp / WEIGHTS_NAME))
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_NAME)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from vlkit.errors import VlkitError
+from vlkit.utils.fs import atomic_directory
 
 STATE_NAME = "state.pt"
 
@@ -50,24 +50,12 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    with atomic_directory(final) as tmp:
         torch.save(state, tmp / STATE_NAME)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _atomic_write_text(root / "latest", final.name)
     if best:
-        tmp_best = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=root))
-        shutil.copy2(final / STATE_NAME, tmp_best / STATE_NAME)
-        old = root / "best"
-        if old.exists():
-            trash = root / f".old-best-{os.getpid()}"
-            os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp_best, root / "best")
+        with atomic_directory(root / "best") as tmp:
+            shutil.copy2(final / STATE_NAME, tmp / STATE_NAME)
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - max(1, keep_last))]:
         shutil.rmtree(old, ignore_errors=True)

@@ -58,40 +58,56 @@ class BriVLConfig:
     preprocess: Preprocess = field(default_factory=_default_preprocess)
 
 
+def _zero_last(mlp: MLP) -> MLP:
+    nn.init.zeros_(mlp.fc2.weight)
+    nn.init.zeros_(mlp.fc2.bias)
+    return mlp
+
+
 class _ImageHead(nn.Module):
-    """Region features -> self-attention -> pooled -> MLP -> embedding."""
+    """Region features -> self-attention -> pooled -> MLP, added to a linear map of the whole-image feature.
+
+    The MLP branch starts at zero, so training starts from a linear probe of the pretrained global feature
+    (a strong start on small data) and the attention over regions adds what the probe cannot express.
+    """
 
     def __init__(self, c: BriVLConfig, in_dim: int, num_regions: int):
         super().__init__()
+        self.skip = nn.Linear(in_dim, c.embed_dim)
         self.proj = nn.Linear(in_dim, c.image_width)
         self.pos_embed = nn.Parameter(torch.randn(num_regions, c.image_width) * 0.02)
         self.encoder = Transformer([TransformerEncoderLayer(c.image_width, c.image_heads, 4.0, "gelu", 1e-6, c.dropout)
                                     for _ in range(c.image_layers)])
         self.norm = nn.LayerNorm(c.image_width, eps=1e-6)
-        self.mlp = MLP(c.image_width, int(c.image_width * c.mlp_ratio), "gelu", c.dropout, out_dim=c.embed_dim)
+        self.mlp = _zero_last(MLP(c.image_width, int(c.image_width * c.mlp_ratio), "gelu", c.dropout,
+                                  out_dim=c.embed_dim))
 
     def forward(self, regions: Tensor) -> Tensor:
         x = self.proj(regions) + self.pos_embed  # [batch, regions, width]
         x = self.norm(self.encoder(x))
-        return self.mlp(x.mean(dim=1))  # [batch, embed_dim]
+        return self.skip(regions[:, 0]) + self.mlp(x.mean(dim=1))  # [batch, embed_dim]; region 0 = whole image
 
 
 class _TextHead(nn.Module):
-    """Token features -> self-attention (padding masked) -> masked mean -> MLP -> embedding."""
+    """Token features -> self-attention (padding masked) -> masked mean -> MLP, added to a linear map of the
+    encoder's mean-pooled sentence feature (the MLP branch starts at zero, as in :class:`_ImageHead`)."""
 
     def __init__(self, c: BriVLConfig, in_dim: int):
         super().__init__()
+        self.skip = nn.Linear(in_dim, c.embed_dim)
         self.proj = nn.Linear(in_dim, c.text_width)
         self.encoder = Transformer([TransformerEncoderLayer(c.text_width, c.text_heads, 4.0, "gelu", 1e-6, c.dropout)
                                     for _ in range(c.text_layers)])
         self.norm = nn.LayerNorm(c.text_width, eps=1e-6)
-        self.mlp = MLP(c.text_width, int(c.text_width * c.mlp_ratio), "gelu", c.dropout, out_dim=c.embed_dim)
+        self.mlp = _zero_last(MLP(c.text_width, int(c.text_width * c.mlp_ratio), "gelu", c.dropout,
+                                  out_dim=c.embed_dim))
 
     def forward(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        mask = attention_mask.to(tokens.dtype)[..., None]  # [batch, length, 1]
+        count = mask.sum(dim=1).clamp(min=1.0)
         x = self.proj(tokens)  # [batch, length, width]
         x = self.norm(self.encoder(x, key_padding_mask=attention_mask))
-        mask = attention_mask.to(x.dtype)[..., None]
-        return self.mlp((x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0))  # [batch, embed_dim]
+        return self.skip((tokens * mask).sum(dim=1) / count) + self.mlp((x * mask).sum(dim=1) / count)
 
 
 class BriVL(nn.Module):

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -30,6 +28,7 @@ import torch
 from torch import Tensor
 
 from vlkit.errors import VlkitError
+from vlkit.utils.fs import atomic_directory
 from vlkit.models.clip.model import CLIP, CLIPConfig
 from vlkit.models.io import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, check_keys, load_model, load_state_into
 from vlkit.models.preprocess import Preprocess
@@ -877,9 +876,7 @@ def export_hf(model: CLIP, directory: str | Path) -> Path:
         raise RuntimeError(f"exported keys do not fit transformers.CLIPModel: {problems[:10]}")
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         hf_config.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         pre = model.preprocess
@@ -893,11 +890,6 @@ def export_hf(model: CLIP, directory: str | Path) -> Path:
         tokenizer = _tokenizer_file(pre)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
