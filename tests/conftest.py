@@ -43,3 +43,22 @@ def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     ingest([generate(root, 300, seed=4)], root / "synth.lance", progress=False)
     return root / "synth.lance"
+
+
+CLIP_TINY_SYNTH = ["model.name=clip-tiny", "batch_size=32", "epochs=12", "log_every=1", "progress=false",
+                   "optim.warmup_steps=10", "optim.lr_image=2e-3", "optim.lr_text=2e-3", "optim.lr_head=2e-3",
+                   "best_metric=val/synth/rsum", "eval_every=20", "save_every=20"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth, tmp_path_factory):
+    """A tiny CLIP trained on ``synth`` for 12 epochs (a real run directory with ``model/`` and checkpoints),
+    shared by the training, evaluation and search tests. Returns ``(run_dir, final_metrics)``."""
+    from vlkit.config.load import load_config
+    from vlkit.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", "tasks=[{name: retrieval, dataset: synth}]",
+                             f"output_dir={run}", *CLIP_TINY_SYNTH])
+    metrics = Trainer(cfg).run()
+    return run, metrics

@@ -1,0 +1,42 @@
+"""``vlkit index``: a LanceDB index of a dataset's embeddings, for ``vlkit search`` and ``vlkit serve``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``index`` subcommand to ``sub``."""
+    from vlkit.search.index import DEFAULT_ANN_THRESHOLD
+
+    p = sub.add_parser(
+        "index",
+        help="build a search index (LanceDB) of a dataset's images and captions",
+        description="Embed the images and captions of DATASET (or reuse the columns 'vlkit embed' wrote with "
+        "the same model) and write a LanceDB index with ids, captions and thumbnails to --out. Tables "
+        f"smaller than --ann-threshold ({DEFAULT_ANN_THRESHOLD}) are searched exactly; larger ones get an "
+        "IVF_SQ index.",
+    )
+    p.add_argument("run", help="run directory, model directory or checkpoint")
+    p.add_argument("--data", required=True, help="the Lance dataset")
+    p.add_argument("--out", required=True, help="index directory to write (replaced only once complete)")
+    p.add_argument("--split", help="index only this split (default: every row)")
+    p.add_argument("--ann-threshold", type=int, default=DEFAULT_ANN_THRESHOLD,
+                   help="rows from which an approximate index is built")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``vlkit index``."""
+    from vlkit.search.index import build_index
+    from vlkit.search.loading import load_for_inference
+
+    loaded = load_for_inference(args.run)
+    info = build_index(loaded, args.data, args.out, args.split, batch_size=args.batch_size,
+                       ann_threshold=args.ann_threshold, num_workers=args.workers, progress=not args.no_progress)
+    print(f"indexed {info.images} images and {info.captions} captions ({info.dim}-d, model {info.model_tag}) "
+          f"into {args.out}; search: " + ", ".join(f"{k} {v}" for k, v in info.search.items()))
+    return 0

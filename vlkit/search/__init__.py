@@ -1,0 +1,1 @@
+"""Embeddings, the LanceDB index, search and the web page."""

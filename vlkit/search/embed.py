@@ -1,0 +1,145 @@
+"""Image and caption embeddings of a Lance dataset, and writing them back into it as new columns.
+
+:func:`compute_embeddings` runs a model over one split (or every row). :func:`write_embeddings` adds them to
+the dataset as columns without rewriting the images: Lance's ``merge`` joins the new columns on ``id`` and
+commits a new version whose data files for the existing columns are the old ones. The columns carry the
+model's fingerprint in their field metadata, so embeddings can be traced to the run that made them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from vlkit.data.dataset import LanceImageTextDataset, make_loader
+from vlkit.data.store import open_dataset
+from vlkit.errors import DataError
+from vlkit.search.loading import LoadedModel
+
+IMAGE_COLUMN = "image_embedding"
+TEXT_COLUMN = "caption_embeddings"
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of the images and captions of a dataset (rows in dataset order).
+
+    Attributes:
+        ids: image ids.
+        image: ``[images, dim]`` L2-normalised image embeddings (float32).
+        text: ``[captions, dim]`` L2-normalised caption embeddings, the captions of each image in order.
+        caption_image: ``[captions]`` position in ``ids`` of each caption's image.
+        captions: the caption strings.
+        labels: ``[images]`` class labels, when every row has one.
+        columns: further columns that were asked for, as lists.
+    """
+
+    ids: list[str]
+    image: Tensor
+    text: Tensor
+    caption_image: Tensor
+    captions: list[str]
+    labels: Tensor | None = None
+    columns: dict[str, list] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | None = None, *,
+                       batch_size: int = 64, captions: bool = True, columns: Sequence[str] = (),
+                       num_workers: int = 0, progress: bool = False, limit: int | None = None) -> Embeddings:
+    """Embed every image (and caption) of ``split`` of ``dataset`` (``None``: every row).
+
+    Args:
+        loaded: the model (see :func:`vlkit.search.loading.load_for_inference`).
+        dataset: a vlkit Lance dataset.
+        split: the split to embed.
+        batch_size: images per forward pass.
+        captions: also embed every caption.
+        columns: further columns to return (e.g. ``["class_name"]``).
+        num_workers: DataLoader worker processes for decoding.
+        progress: show a progress bar.
+        limit: embed only the first ``limit`` rows of the split.
+
+    Raises:
+        DataError: the split has no rows.
+    """
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ds = LanceImageTextDataset(dataset, split, model.preprocess.image_transform(train=False),
+                               tokenizer if captions else None, captions="all" if captions else "none",
+                               columns=columns)
+    if len(ds) == 0:
+        raise DataError(f"{dataset}: split {split!r} has no rows" if split else f"{dataset}: no rows")
+    indices = range(len(ds) if limit is None else min(limit, len(ds)))
+    loader = make_loader(ds, batch_size, list(indices), num_workers=num_workers)
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="embed", unit="batch", dynamic_ncols=True)
+    ids, images, texts, owner, caption_text, labels = [], [], [], [], [], []
+    extra: dict[str, list] = {name: [] for name in columns}
+    for batch in loader:
+        start = len(ids)
+        ids += batch["id"]
+        images.append(model.encode_image(batch["image"]).float())
+        if captions and batch["text"]:
+            texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"]).float())
+            owner.append(batch["caption_image"] + start)
+            caption_text += batch["text"]
+        labels.append(batch.get("label"))
+        for name in columns:
+            extra[name] += batch[name]
+    dim = images[0].shape[1]
+    return Embeddings(
+        ids=ids, image=torch.cat(images),
+        text=torch.cat(texts) if texts else torch.zeros(0, dim),
+        caption_image=torch.cat(owner) if owner else torch.zeros(0, dtype=torch.long),
+        captions=caption_text,
+        labels=torch.cat(labels) if all(x is not None for x in labels) else None,
+        columns=extra,
+    )
+
+
+def write_embeddings(dataset: str | Path, emb: Embeddings, tag: str, source: str = "") -> int:
+    """Add (or replace) the ``image_embedding`` and ``caption_embeddings`` columns of ``dataset``.
+
+    Rows not in ``emb`` get nulls. The images are not rewritten: the new columns go into new data files.
+
+    Returns:
+        The new version of the dataset.
+    """
+    ds = open_dataset(dataset)
+    dim = emb.image.shape[1]
+    meta = {b"vlkit.model": tag.encode(), b"vlkit.source": str(source).encode(), b"vlkit.dim": str(dim).encode()}
+    per_image: list[list] = [[] for _ in emb.ids]
+    text = emb.text.numpy().astype(np.float32)
+    for row, image in enumerate(emb.caption_image.tolist()):
+        per_image[image].append(text[row])
+    vec = pa.list_(pa.float32(), dim)
+    image_type = pa.field(IMAGE_COLUMN, vec, metadata=meta)
+    text_type = pa.field(TEXT_COLUMN, pa.list_(vec), metadata=meta)
+    table = pa.Table.from_arrays(
+        [pa.array(emb.ids, pa.string()),
+         pa.FixedSizeListArray.from_arrays(pa.array(emb.image.numpy().astype(np.float32).ravel()), dim),
+         pa.array([[v.tolist() for v in vs] for vs in per_image], pa.list_(vec))],
+        schema=pa.schema([pa.field("id", pa.string()), image_type, text_type]))
+    old = [c for c in (IMAGE_COLUMN, TEXT_COLUMN) if c in ds.schema.names]
+    if old:
+        ds.drop_columns(old)  # metadata-only: the files of the other columns stay as they are
+        ds = open_dataset(dataset)
+    ds.merge(table, left_on="id")
+    return open_dataset(dataset).version
+
+
+def read_embeddings(dataset: str | Path) -> dict[str, str]:
+    """The field metadata of the embedding columns of ``dataset`` (``{}`` if it has none)."""
+    ds = open_dataset(dataset)
+    if IMAGE_COLUMN not in ds.schema.names:
+        return {}
+    meta = ds.schema.field(IMAGE_COLUMN).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
