@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from vlkit import __version__
 from vlkit.errors import VlkitError
 
 # Subcommand modules, in the order ``vlkit --help`` lists them.
-SUBCOMMANDS = ("ingest", "data", "train", "configs", "plot", "quickstart")
+SUBCOMMANDS = ("ingest", "data", "train", "configs", "plot", "embed", "index", "search", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("LANCE_LOG", "error")  # Lance's own deprecation notices are not for vlkit's users
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
