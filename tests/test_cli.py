@@ -30,14 +30,17 @@ def test_synth_info_show(tmp_path):
 
 
 def test_quickstart_runs_the_main_job(tmp_path):
-    """The whole main job, shortened to 2 epochs: ingest, train, evaluate, curves, example query."""
+    """The whole main job, shortened to 2 epochs: ingest, train, evaluate, curves, index, example query."""
     proc = run_cli("quickstart", "--out", tmp_path / "qs", "epochs=2", "progress=false", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "76 images, 380 captions, 26 questions" in proc.stdout
     assert "t2i_r1" in proc.stdout and "example query" in proc.stdout
     for path in ("sheet.png", "run/curves.png", "run/model/model.safetensors", "run/metrics.jsonl",
-                 "run/config.yaml", "run/environment.json", "summary.json"):
+                 "run/config.yaml", "run/environment.json", "summary.json", "index/index.json",
+                 "index/model/model.safetensors"):
         assert (tmp_path / "qs" / path).exists(), path
+    hits = [line for line in proc.stdout.split("example query", 1)[1].splitlines()[1:4]]
+    assert len(hits) == 3 and all(".jpg" in line for line in hits), proc.stdout  # score, image id, caption
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert 0 <= summary["metrics"]["val/data/t2i_r1"] <= 100
 
@@ -45,5 +48,5 @@ def test_quickstart_runs_the_main_job(tmp_path):
 def test_help_lists_subcommands():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for name in ("ingest", "data", "train", "configs", "plot", "quickstart"):
+    for name in ("ingest", "data", "train", "configs", "plot", "embed", "index", "search", "quickstart"):
         assert name in proc.stdout

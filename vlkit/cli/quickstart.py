@@ -1,5 +1,6 @@
 """``vlkit quickstart``: the main job. Ingest the bundled sample (or your data), train the quickstart recipe,
-evaluate retrieval, draw the curves and run an example query, in minutes on a laptop CPU."""
+evaluate retrieval, draw the curves, build the search index and run an example query, in minutes on a laptop
+CPU."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.data.ingest import ingest
     from vlkit.data.sheet import contact_sheet
     from vlkit.data.store import dataset_info
+    from vlkit.search.index import build_index
+    from vlkit.search.loading import load_for_inference
+    from vlkit.search.searcher import Searcher
     from vlkit.train.plots import plot_run
     from vlkit.train.trainer import Trainer
 
@@ -33,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sources = args.data or [SAMPLE / "captions.json", SAMPLE / "vqa_questions.json"]
     dataset = out / "data.lance"
-    print(f"[1/5] ingest {', '.join(map(str, sources))}")
+    print(f"[1/6] ingest {', '.join(map(str, sources))}")
     report = ingest(sources, dataset, images_root=args.images_root, val_fraction=0.2, test_fraction=0.0,
                     progress=False)
     print("      " + report.summary().replace("\n", "\n      "))
@@ -49,19 +53,22 @@ def run(args: argparse.Namespace) -> int:
 
         shutil.rmtree(run_dir)  # a fresh run each time (pass resume=latest to continue one instead)
     cfg = load_config(recipe_path("quickstart"), overrides)
-    print(f"[2/5] train {cfg.model.name} for {cfg.epochs} epochs (batch {cfg.batch_size}) -> {run_dir}")
+    print(f"[2/6] train {cfg.model.name} for {cfg.epochs} epochs (batch {cfg.batch_size}) -> {run_dir}")
     trainer = Trainer(cfg)
     metrics = trainer.run()
-    print("[3/5] retrieval on the validation split:")
+    print("[3/6] retrieval on the validation split:")
     for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"):
         value = metrics.get(f"val/data/{key}")
         if value is not None:
             print(f"      {key:8s} {value:6.1f}")
     curves = plot_run(run_dir, run_dir / "curves.png")
-    print(f"[4/5] training curves: {curves}")
-    print(f"[5/5] example query {args.query!r}:")
-    for score, image_id, caption in example_query(run_dir / "model", dataset, args.query):
-        print(f"      {score:.3f}  {image_id}  ({caption})")
+    print(f"[4/6] training curves: {curves}")
+    index_dir = out / "index"
+    info = build_index(load_for_inference(run_dir), dataset, index_dir)
+    print(f"[5/6] search index of {info.images} images and {info.captions} captions -> {index_dir}")
+    print(f"[6/6] example query {args.query!r}:")
+    for hit in Searcher(index_dir).search_text(args.query, k=3):
+        print(f"      {hit.score:.3f}  {hit.id}  ({hit.caption})")
     print("\nwhere things are:")
     print(f"  dataset      {dataset}   (vlkit data info {dataset})")
     print(f"  contact sheet {sheet}")
@@ -69,28 +76,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  model        {run_dir / 'model'}")
     print(f"  metrics      {run_dir / 'metrics.jsonl'}")
     print(f"  curves       {curves}")
+    print(f"  index        {index_dir}   (vlkit search {index_dir} \"a dog on the grass\"; vlkit serve {index_dir})")
     (out / "summary.json").write_text(json.dumps({"run": str(run_dir), "metrics": metrics}, indent=2))
     return 0
-
-
-def example_query(model_dir: Path, dataset: Path, query: str, k: int = 3):
-    """Top-``k`` images of ``dataset`` for a text query, by the trained model."""
-    import torch
-
-    from vlkit.data.dataset import LanceImageTextDataset, make_loader
-    from vlkit.models.io import load_model, load_tokenizer
-
-    model = load_model(model_dir).eval()
-    tokenizer = load_tokenizer(model_dir, model)
-    ds = LanceImageTextDataset(dataset, None, model.preprocess.image_transform(), captions="first")
-    images, ids, captions = [], [], []
-    with torch.no_grad():
-        for batch in make_loader(ds, 32):
-            images.append(model.encode_image(batch["image"]))
-            ids += batch["id"]
-            captions += batch["text"]
-        text = tokenizer([query])
-        q = model.encode_text(text["input_ids"], text["attention_mask"])
-    scores = (torch.cat(images) @ q.T).squeeze(1)
-    top = scores.topk(min(k, len(ids)))
-    return [(float(s), ids[i], captions[i]) for s, i in zip(top.values, top.indices.tolist())]
