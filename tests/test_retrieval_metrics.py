@@ -263,3 +263,43 @@ def test_bad_chunk_size_and_nan():
     txt[2, 1] = float("nan")
     with pytest.raises(VlkitError, match="text_embeds row 2"):
         retrieval_metrics(torch.eye(3), txt, torch.arange(3), chunk_size=2)
+
+
+# ---------------------------------------------------------------- chunked == unchunked at a realistic size
+
+
+def test_chunked_equals_full_matrix_300_images_1500_captions():
+    """300 images x 1500 captions (5 each, shuffled): every chunk size gives what the whole similarity matrix
+    gives. Integer-valued embeddings make every dot product exact in float32 whatever the summation order,
+    so the many exact ties are the same ties in every chunking (and are counted optimistically)."""
+    g = torch.Generator().manual_seed(21)
+    n_img, per_image, dim = 300, 5, 16
+    img = torch.randint(-3, 4, (n_img, dim), generator=g)
+    t2i = torch.arange(n_img).repeat_interleave(per_image)
+    t2i = t2i[torch.randperm(len(t2i), generator=g)]
+    txt = img[t2i] + torch.randint(-4, 5, (len(t2i), dim), generator=g)
+
+    sims = txt @ img.T  # [1500, 300] exact int64
+    own = sims[torch.arange(len(t2i)), t2i]
+    t2i_ranks = 1 + (sims > own.unsqueeze(1)).sum(dim=1)
+    best = torch.full((n_img,), torch.iinfo(torch.long).min).scatter_reduce(0, t2i, own, reduce="amax")
+    other = t2i.unsqueeze(1) != torch.arange(n_img).unsqueeze(0)  # [1500, 300]: text j is not image i's
+    i2t_ranks = 1 + ((sims > best.unsqueeze(0)) & other).sum(dim=0)
+    assert int((sims == own.unsqueeze(1)).sum()) > len(t2i) + 100  # ties besides the true pairs do occur
+
+    def summary(ranks):
+        return ([100.0 * int((ranks <= k).sum()) / len(ranks) for k in (1, 5, 10)],
+                ranks.double().mean().item(), float(statistics.median(ranks.tolist())))
+
+    (t1, t5, t10), t_mean, t_med = summary(t2i_ranks)
+    (i1, i5, i10), i_mean, i_med = summary(i2t_ranks)
+    expected = RetrievalMetrics(t1, t5, t10, i1, i5, i10, t_mean, t_med, i_mean, i_med, t1 + t5 + t10 + i1 + i5 + i10)
+    assert 0 < t1 < 100 and 0 < i1 < 100 and t_med > 1  # a problem where ranks vary
+
+    full = retrieval_metrics(img.float(), txt.float(), t2i, chunk_size=10**6)  # one block: no chunking
+    for chunk_size in (13, 64, 299, 300, 1000, 1500):
+        got = retrieval_metrics(img.float(), txt.float(), t2i, chunk_size=chunk_size)
+        assert got == full, chunk_size
+    assert full.as_dict() == pytest.approx(expected.as_dict(), rel=1e-12, abs=0)
+    ranks_t, ranks_i, images = retrieval_ranks(img.float(), txt.float(), t2i, chunk_size=64)
+    assert torch.equal(ranks_t, t2i_ranks) and torch.equal(ranks_i, i2t_ranks) and len(images) == n_img

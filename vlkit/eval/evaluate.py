@@ -1,0 +1,163 @@
+"""Evaluate a trained model on one split of a dataset: retrieval, zero-shot classification or a linear probe.
+
+:func:`evaluate` loads the model (a run, model directory or checkpoint), checks that the data suits the task
+before anything is embedded, runs the task and returns an :class:`EvalResult` that holds the metrics (named
+``split/dataset/metric``) and what the report draws from (embeddings, class scores).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow.compute as pc
+from torch import Tensor
+
+from vlkit.data.store import open_dataset, split_indices
+from vlkit.errors import DataError, VlkitError
+from vlkit.metrics.classification import ClassificationMetrics
+from vlkit.metrics.retrieval import RetrievalMetrics, retrieval_metrics
+from vlkit.search.embed import Embeddings, compute_embeddings
+from vlkit.search.loading import load_for_inference
+from vlkit.tasks.labels import require_labels
+
+TASKS = ("retrieval", "zeroshot", "linear-probe")
+
+
+@dataclass
+class EvalResult:
+    """The outcome of one evaluation.
+
+    Attributes:
+        task: ``retrieval``, ``zeroshot`` or ``linear-probe``.
+        dataset: the dataset's path.
+        split: the evaluated split.
+        model: the directory the weights came from.
+        model_tag: the fingerprint of the weights.
+        metrics: scalar metrics named ``split/dataset/metric``.
+        details: counts and task settings (images, captions, classes, templates, C ...), JSON-ready.
+        embeddings: the evaluated split's embeddings.
+        retrieval: the retrieval metrics (retrieval only).
+        classification: the classification metrics (zeroshot and linear-probe).
+        class_names: the classes by label (zeroshot and linear-probe).
+        scores: ``[images, classes]`` class scores (zeroshot and linear-probe).
+        labels: ``[images]`` true labels (zeroshot and linear-probe).
+        seconds: wall time of the evaluation, model loading included.
+    """
+
+    task: str
+    dataset: Path
+    split: str
+    model: str
+    model_tag: str
+    metrics: dict[str, float]
+    details: dict[str, Any]
+    embeddings: Embeddings = field(repr=False)
+    retrieval: RetrievalMetrics | None = None
+    classification: ClassificationMetrics | None = field(default=None, repr=False)
+    class_names: list[str] = field(default_factory=list)
+    scores: Tensor | None = field(default=None, repr=False)
+    labels: Tensor | None = field(default=None, repr=False)
+    seconds: float = 0.0
+
+    @property
+    def prefix(self) -> str:
+        """The metric-name prefix ``split/dataset/``."""
+        return f"{self.split}/{dataset_name(self.dataset)}/"
+
+    def summary(self) -> dict[str, Any]:
+        """Everything a script wants to read, as JSON-ready values (NaN becomes None)."""
+        out: dict[str, Any] = {
+            "task": self.task, "model": self.model, "model_tag": self.model_tag, "dataset": str(self.dataset),
+            "split": self.split, "metrics": self.metrics, **self.details, "seconds": round(self.seconds, 3),
+        }
+        if self.classification is not None:
+            out["per_class_recall"] = {
+                name: (None if math.isnan(v) else v)
+                for name, v in zip(self.class_names, self.classification.per_class_recall.tolist())
+            }
+        return out
+
+
+def dataset_name(path: str | Path) -> str:
+    """The name used in metric keys: the dataset directory's name without ``.lance``."""
+    path = Path(path)
+    return path.stem if path.suffix == ".lance" else path.name
+
+
+def _require_captions(dataset: str | Path, split: str) -> None:
+    ds = open_dataset(dataset)
+    offsets = split_indices(ds, split)
+    captions = ds.take(offsets, columns=["captions"]).column("captions")
+    if not (pc.sum(pc.list_value_length(captions)).as_py() or 0):
+        raise DataError(f"{dataset}: split '{split}' has no captions; retrieval needs captions "
+                        "(for a labelled dataset use --task zeroshot or --task linear-probe)")
+
+
+def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str = "test", *,
+             train_split: str = "train", templates: Sequence[str] | None = None, batch_size: int = 64,
+             limit: int | None = None, num_workers: int = 0, progress: bool = False) -> EvalResult:
+    """Evaluate a run, model directory or checkpoint on ``split`` of ``dataset``.
+
+    Args:
+        model_path: a run directory, a model directory or a training checkpoint.
+        task: ``retrieval`` (recall@K both ways), ``zeroshot`` (classification by prompts) or
+            ``linear-probe`` (logistic regression on frozen image embeddings, fitted on ``train_split``).
+        dataset: a vlkit Lance dataset.
+        split: the split to evaluate.
+        train_split: the split the linear probe is fitted on.
+        templates: zero-shot prompt templates (default: the built-in set).
+        batch_size: images per forward pass.
+        limit: evaluate only the first ``limit`` images of ``split``.
+        num_workers: image decoding worker processes.
+        progress: show progress bars.
+
+    Raises:
+        VlkitError: unknown task, bad limit or batch size, or no such run/model/checkpoint.
+        DataError: no such dataset or split, or the split lacks what the task needs (captions, labels).
+    """
+    if task not in TASKS:
+        raise VlkitError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise VlkitError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise VlkitError(f"--batch-size must be at least 1, got {batch_size}")
+    start = time.perf_counter()
+    dataset = Path(dataset)
+    split_indices(open_dataset(dataset), split)  # the dataset and the split exist
+    if task == "retrieval":
+        _require_captions(dataset, split)
+    else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
+        require_labels(dataset, split, "zero-shot classification" if task == "zeroshot" else "the linear probe")
+    loaded = load_for_inference(model_path)
+    common = dict(batch_size=batch_size, limit=limit, num_workers=num_workers, progress=progress)
+    base = dict(task=task, dataset=dataset, split=split, model=str(loaded.source), model_tag=loaded.tag)
+    prefix = f"{split}/{dataset_name(dataset)}/"
+    if task == "retrieval":
+        emb = compute_embeddings(loaded, dataset, split, captions=True, **common)
+        m = retrieval_metrics(emb.image, emb.text, emb.caption_image)
+        details = {"images": len(emb.ids), "captions": len(emb.captions)}
+        result = EvalResult(**base, metrics=m.as_dict(prefix), details=details, embeddings=emb, retrieval=m)
+    elif task == "zeroshot":
+        from vlkit.tasks.zeroshot import evaluate_zeroshot
+
+        zs = evaluate_zeroshot(loaded, dataset, split, templates=templates, **common)
+        details = {"images": zs.metrics.num_samples, "classes": len(zs.class_names), "templates": zs.templates}
+        result = EvalResult(**base, metrics=zs.metrics.as_dict(prefix), details=details, embeddings=zs.embeddings,
+                            classification=zs.metrics, class_names=zs.class_names, scores=zs.scores,
+                            labels=zs.labels)
+    else:
+        from vlkit.tasks.linear_probe import evaluate_linear_probe
+
+        lp = evaluate_linear_probe(loaded, dataset, split, train_split=train_split, **common)
+        details = {"images": lp.metrics.num_samples, "classes": len(lp.class_names), "train_split": train_split,
+                   "train_images": lp.fit.num_train, "C": lp.fit.c,
+                   "holdout_accuracy": {f"{c:g}": acc for c, acc in lp.fit.holdout_accuracy.items()}}
+        result = EvalResult(**base, metrics=lp.metrics.as_dict(prefix), details=details, embeddings=lp.embeddings,
+                            classification=lp.metrics, class_names=lp.class_names, scores=lp.scores,
+                            labels=lp.labels)
+    result.seconds = time.perf_counter() - start
+    return result

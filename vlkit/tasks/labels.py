@@ -1,0 +1,57 @@
+"""Class labels of a vlkit dataset: the class list and a check that a split is labelled.
+
+Datasets ingested from class folders (or JSONL with ``label``/``class_name``) keep their class list, by label
+index, in the schema metadata ``vlkit.classes``; older or hand-made datasets may only have the columns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from vlkit.data.schema import class_names
+from vlkit.data.store import open_dataset, split_indices
+from vlkit.errors import DataError
+
+
+def dataset_classes(dataset: str | Path) -> list[str]:
+    """Class names by label index: the ``vlkit.classes`` metadata, else the distinct ``class_name`` of each label.
+
+    A label that no row names gets ``"class_<label>"``. Returns ``[]`` for a dataset without labels.
+    """
+    ds = open_dataset(dataset)
+    names = class_names(ds.schema)
+    if names:
+        return list(names)
+    table = ds.to_table(columns=["label", "class_name"])
+    by_label: dict[int, str] = {}
+    for label, name in zip(table.column("label").to_pylist(), table.column("class_name").to_pylist()):
+        if label is not None and name is not None:
+            by_label.setdefault(int(label), name)
+    labels = [x for x in table.column("label").to_pylist() if x is not None]
+    if not labels:
+        return []
+    return [by_label.get(i, f"class_{i}") for i in range(max(labels) + 1)]
+
+
+def require_labels(dataset: str | Path, split: str, task: str) -> int:
+    """Check that every image of ``split`` has a class label, before anything is embedded.
+
+    Returns:
+        The number of images in the split.
+
+    Raises:
+        DataError: the split does not exist, or some of its images have no ``label``.
+    """
+    ds = open_dataset(dataset)
+    offsets = split_indices(ds, split)
+    labels = ds.take(offsets, columns=["label"]).column("label")
+    missing = int(pc.sum(pc.is_null(labels)).as_py() or 0)
+    if missing == len(offsets):
+        raise DataError(f"{dataset}: split '{split}' has no class labels (column 'label' is empty); {task} needs "
+                        "a labelled dataset, e.g. one ingested from class folders")
+    if missing:
+        raise DataError(f"{dataset}: {missing} of {len(offsets)} images of split '{split}' have no class label; "
+                        f"{task} needs every image labelled")
+    return len(offsets)
