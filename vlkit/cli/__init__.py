@@ -11,7 +11,7 @@ from vlkit import __version__
 from vlkit.errors import VlkitError
 
 # Subcommand modules, in the order ``vlkit --help`` lists them.
-SUBCOMMANDS = ("ingest", "data", "train", "configs", "plot", "embed", "index", "search", "quickstart")
+SUBCOMMANDS = ("ingest", "data", "train", "eval", "configs", "plot", "embed", "index", "search", "quickstart", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

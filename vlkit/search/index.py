@@ -129,6 +129,7 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
         What was recorded in ``index.json``.
     """
     import lancedb
+    from lancedb.index import BTree
 
     emb = _stored_embeddings(loaded, dataset, split)
     if emb is None:
@@ -157,8 +158,9 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
     with atomic_directory(out) as tmp:
         save_model(loaded.model, tmp / "model", loaded.tokenizer)
         db = lancedb.connect(str(tmp / "db"))
-        search = {IMAGES_TABLE: create_vector_index(db.create_table(IMAGES_TABLE, images), len(emb.ids),
-                                                    ann_threshold),
+        image_table = db.create_table(IMAGES_TABLE, images)
+        image_table.create_index("id", config=BTree())  # thumbnails and results are looked up by id
+        search = {IMAGES_TABLE: create_vector_index(image_table, len(emb.ids), ann_threshold),
                   CAPTIONS_TABLE: create_vector_index(db.create_table(CAPTIONS_TABLE, captions),
                                                       len(emb.captions), ann_threshold)}
         info = IndexInfo(model_tag=loaded.tag, model_source=str(loaded.source), dim=dim, dataset=str(dataset),

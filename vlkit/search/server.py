@@ -1,0 +1,283 @@
+"""The search web server: a JSON API over a :class:`~vlkit.search.searcher.Searcher` and the page that uses it.
+
+Routes::
+
+    GET  /                         the search page (static/index.html, app.js, style.css under /static)
+    GET  /api/info                 index size, embedding size, model fingerprints, limits
+    GET  /api/search?q=TEXT&k=N    images for a text query
+    POST /api/search/image         images (mode=images) or captions (mode=captions) for an uploaded image:
+                                   multipart field ``file``, or the raw bytes with an image/* content type;
+                                   ``k`` and ``mode`` as query parameters (or multipart fields)
+    GET  /api/thumbnail/{id}       the stored JPEG thumbnail of an image (ids may contain slashes)
+
+Every error is JSON ``{"error": "<message>"}`` with a 4xx status for the caller's mistakes (400 bad query,
+404 unknown id or route, 413 upload too large, 415 unsupported upload type) and 500 otherwise. Uploads are
+read as a stream and refused as soon as they pass the limit (at once when Content-Length already says so).
+Model inference runs in the threadpool, one query at a time (the model and tokenizer are shared).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import AsyncIterator, Callable, TypeVar
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from vlkit import __version__
+from vlkit.errors import VlkitError
+from vlkit.search.searcher import MAX_IMAGE_BYTES, MAX_K, QueryError, Searcher, check_k
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEFAULT_K = 12
+MODES = ("images", "captions")
+MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and headers around the file
+THUMBNAIL_CACHE = "public, max-age=3600"
+# The page loads nothing from elsewhere; the policy makes the browser hold it to that.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _too_large(limit: int, size: int | None = None) -> ApiError:
+    got = f" ({_mib(size)})" if size is not None else ""
+    return ApiError(413, f"the uploaded image is too large{got}; at most {_mib(limit)}")
+
+
+def parse_k(raw: str | None, default: int) -> int:
+    """``k`` from a query string: a plain integer from 1 to ``MAX_K``, else a :class:`QueryError`."""
+    if raw is None:
+        return default
+    text = raw.strip()
+    if not re.fullmatch(r"[+-]?\d{1,9}", text):
+        check_k(raw)  # raises, naming the bad value
+    return check_k(int(text))
+
+
+def parse_mode(raw: str | None) -> str:
+    """``mode`` of an image search: ``images`` (the default) or ``captions``."""
+    mode = (raw or "images").strip().lower()
+    if mode not in MODES:
+        raise QueryError(f"mode must be 'images' or 'captions', not {raw!r}")
+    return mode
+
+
+def thumbnail_url(image_id: str) -> str:
+    """The URL of an image's thumbnail (the id percent-encoded, its slashes kept)."""
+    return "/api/thumbnail/" + quote(image_id, safe="/")
+
+
+async def _limited(chunks: AsyncIterator[bytes], limit: int, max_image: int) -> AsyncIterator[bytes]:
+    """Pass ``chunks`` on, answering 413 as soon as more than ``limit`` bytes have come."""
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(max_image)
+        yield chunk
+
+
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    return int(value) if value and value.isdigit() else None
+
+
+class _Service:
+    """What the routes share: the searcher, a lock around the model and the limits."""
+
+    def __init__(self, searcher: Searcher, max_upload_bytes: int, default_k: int):
+        self.searcher = searcher
+        self.max_upload = max_upload_bytes
+        self.default_k = check_k(default_k)
+        self.lock = threading.Lock()
+        info = searcher.info
+        self.etag_salt = f"{info.model_tag}-{info.built_at}"
+
+    def locked(self, fn: Callable[..., T], *args) -> T:
+        """Run ``fn(*args)`` holding the model lock (called in the threadpool)."""
+        with self.lock:
+            return fn(*args)
+
+    def etag(self, image_id: str) -> str:
+        return '"' + hashlib.sha1(f"{self.etag_salt}/{image_id}".encode()).hexdigest()[:20] + '"'
+
+    async def read_upload(self, request: Request) -> tuple[bytes, dict[str, str]]:
+        """The uploaded image's bytes and any form fields, refusing oversized bodies without reading them."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        multipart = ctype == "multipart/form-data"
+        limit = self.max_upload + (MULTIPART_SLACK if multipart else 0)
+        declared = _declared_length(request)
+        if declared is not None and declared > limit:
+            raise _too_large(self.max_upload, declared if not multipart else None)
+        if multipart:
+            return await self._read_multipart(request, limit)
+        if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+            raise ApiError(415, f"unsupported upload type {ctype!r}: send the image in the multipart field "
+                                "'file', or as the request body with an image/* content type")
+        chunks = [chunk async for chunk in _limited(request.stream(), limit, self.max_upload)]
+        return b"".join(chunks), {}
+
+    async def _read_multipart(self, request: Request, limit: int) -> tuple[bytes, dict[str, str]]:
+        stream = _limited(request.stream(), limit, self.max_upload)
+        parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=8)
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise ApiError(400, f"malformed multipart upload: {exc.message}") from None
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "no image: send it in the multipart field 'file'")
+            data = await upload.read()
+            fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+        finally:
+            await form.close()
+        if len(data) > self.max_upload:
+            raise _too_large(self.max_upload, len(data))
+        return data, fields
+
+
+def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
+               default_k: int = DEFAULT_K) -> FastAPI:
+    """The search web application over ``searcher``.
+
+    Args:
+        searcher: the index to search.
+        max_upload_bytes: the largest image upload accepted (413 above it).
+        default_k: results returned when a request gives no ``k``.
+
+    Returns:
+        A FastAPI application; serve it with uvicorn (``vlkit serve`` does).
+
+    Example:
+        >>> app = create_app(Searcher("runs/index"))  # doctest: +SKIP
+        >>> uvicorn.run(app, port=8000)  # doctest: +SKIP
+    """
+    svc = _Service(searcher, max_upload_bytes, default_k)
+    app = FastAPI(title="vlkit search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = svc
+    _add_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={
+            "Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache"})
+
+    @app.get("/api/info")
+    def info() -> dict:
+        i = searcher.info
+        return {"images": i.images, "captions": i.captions, "dim": i.dim, "dataset": Path(i.dataset).name,
+                "split": i.split, "model_tag": i.model_tag, "query_model_tag": searcher.loaded.tag,
+                "search": i.search, "built_at": i.built_at, "max_k": MAX_K, "default_k": svc.default_k,
+                "max_upload_bytes": svc.max_upload, "vlkit_version": __version__}
+
+    @app.get("/api/search")
+    def search_text(q: str | None = None, k: str | None = None) -> dict:
+        if q is None:
+            raise QueryError("missing query: pass the text as ?q=...")
+        n = parse_k(k, svc.default_k)
+        start = time.perf_counter()
+        hits = svc.locked(searcher.search_text, q, n)
+        return {"query": q, "k": n, "took_ms": round((time.perf_counter() - start) * 1000, 1),
+                "results": [{"id": h.id, "score": h.score, "caption": h.caption, "captions": h.captions,
+                             "thumbnail": thumbnail_url(h.id)} for h in hits]}
+
+    @app.post("/api/search/image")
+    async def search_image(request: Request) -> dict:
+        params = request.query_params
+        # Check the cheap parameters before reading the upload.
+        k_raw, mode_raw = params.get("k"), params.get("mode")
+        if k_raw is not None:
+            parse_k(k_raw, svc.default_k)
+        if mode_raw is not None:
+            parse_mode(mode_raw)
+        data, fields = await svc.read_upload(request)
+        n = parse_k(k_raw if k_raw is not None else fields.get("k"), svc.default_k)
+        mode = parse_mode(mode_raw if mode_raw is not None else fields.get("mode"))
+        start = time.perf_counter()
+        if mode == "captions":
+            hits = await run_in_threadpool(svc.locked, searcher.image_to_text, data, n)
+            results = [{"id": h.id, "text": h.text, "score": h.score, "thumbnail": thumbnail_url(h.id)}
+                       for h in hits]
+        else:
+            found = await run_in_threadpool(svc.locked, searcher.search_image, data, n)
+            results = [{"id": h.id, "score": h.score, "caption": h.caption, "captions": h.captions,
+                        "thumbnail": thumbnail_url(h.id)} for h in found]
+        return {"mode": mode, "k": n, "took_ms": round((time.perf_counter() - start) * 1000, 1),
+                "results": results}
+
+    @app.get("/api/thumbnail/{image_id:path}")
+    def thumbnail(image_id: str, request: Request) -> Response:
+        etag = svc.etag(image_id)
+        headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE}
+        if etag in request.headers.get("if-none-match", ""):  # only ever sent for ids this index holds
+            return Response(status_code=304, headers=headers)
+        data = searcher.thumbnail(image_id)
+        if data is None:
+            raise ApiError(404, f"no image with id {image_id!r} in this index")
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every error as ``{"error": message}``."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(QueryError)
+    async def query_error(request: Request, exc: QueryError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(VlkitError)
+    async def vlkit_error(request: Request, exc: VlkitError) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return _error(500, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        return _error(400, "; ".join(parts) or "bad request")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")

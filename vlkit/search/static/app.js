@@ -1,0 +1,281 @@
+// The vlkit search page: text -> images, image -> images or captions, over the JSON API of vlkit.search.server.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    form: $("search-form"), query: $("query"), k: $("k"), button: $("search-button"),
+    dropzone: $("dropzone"), file: $("file-input"), error: $("error"), status: $("status"),
+    results: $("results"), empty: $("empty-state"), info: $("index-info"),
+    preview: $("query-preview"), previewImage: $("preview-image"), previewName: $("preview-name"),
+  };
+  const state = { info: null, last: null, controller: null, previewUrl: null };
+
+  // ------------------------------------------------------------------ helpers
+  function el(tag, props = {}, children = []) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === "dataset") Object.assign(node.dataset, value);
+      else if (key === "text") node.textContent = value;
+      else if (key in node) node[key] = value;
+      else node.setAttribute(key, value);
+    }
+    for (const child of children) if (child) node.append(child);
+    return node;
+  }
+
+  const mib = (bytes) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+  const mode = () => document.querySelector('input[name="mode"]:checked').value;
+
+  async function api(url, options = {}) {
+    if (state.controller) state.controller.abort();
+    state.controller = new AbortController();
+    const response = await fetch(url, { ...options, signal: state.controller.signal });
+    let body = null;
+    try { body = await response.json(); } catch (_) { /* not JSON */ }
+    if (!response.ok) {
+      throw new Error((body && body.error) || `the server answered ${response.status} ${response.statusText}`);
+    }
+    return body;
+  }
+
+  function showError(message) {
+    els.error.textContent = message;
+    els.error.hidden = false;
+    els.results.replaceChildren();
+    els.results.removeAttribute("data-mode");
+    els.status.textContent = "";
+    els.empty.hidden = true;
+  }
+
+  function setBusy(busy) {
+    document.body.classList.toggle("busy", busy);
+    els.results.setAttribute("aria-busy", String(busy));
+    els.button.disabled = busy;
+  }
+
+  function scoreBar(score) {
+    const bar = el("span", { className: "bar" }, [el("span", { className: "bar-fill" })]);
+    bar.firstChild.style.setProperty("width", `${Math.max(0, Math.min(1, score)) * 100}%`);
+    return bar;
+  }
+
+  function thumb(result, alt) {
+    return el("img", { src: result.thumbnail, alt, loading: "lazy", decoding: "async", draggable: true,
+                       "data-testid": "result-image" });
+  }
+
+  // ------------------------------------------------------------------ rendering
+  function imageCard(result, rank) {
+    const captions = (result.captions || []).filter((c) => c !== result.caption);
+    const more = captions.length
+      ? el("details", { className: "more" }, [
+          el("summary", { text: `${captions.length} more caption${captions.length > 1 ? "s" : ""}` }),
+          el("ul", {}, captions.map((c) => el("li", { text: c }))),
+        ])
+      : null;
+    const similar = el("button", { type: "button", className: "ghost", text: "Similar",
+                                   title: "Find images similar to this one", "data-testid": "find-similar" });
+    similar.addEventListener("click", () => searchLikeResult(result));
+    return el("article", { className: "card", "data-testid": "result-card", dataset: { id: result.id } }, [
+      el("div", { className: "thumb" }, [thumb(result, result.caption || result.id),
+                                         el("span", { className: "rank", text: `#${rank}` })]),
+      el("div", { className: "card-body" }, [
+        el("div", { className: "score-row" }, [
+          el("span", { className: "score", text: result.score.toFixed(3), "data-testid": "result-score" }),
+          scoreBar(result.score),
+        ]),
+        el("p", { className: "caption", text: result.caption || "(no caption)", "data-testid": "result-caption" }),
+        more,
+        el("div", { className: "card-foot" }, [el("code", { className: "id", text: result.id, title: result.id }),
+                                              similar]),
+      ]),
+    ]);
+  }
+
+  function captionRow(result, rank) {
+    return el("li", { className: "caption-row", "data-testid": "caption-result", dataset: { id: result.id } }, [
+      el("span", { className: "rank", text: `#${rank}` }),
+      thumb(result, result.text),
+      el("div", { className: "caption-main" }, [
+        el("p", { className: "caption-text", text: result.text, "data-testid": "caption-text" }),
+        el("code", { className: "id", text: result.id }),
+      ]),
+      el("div", { className: "caption-score" }, [
+        el("span", { className: "score", text: result.score.toFixed(3), "data-testid": "result-score" }),
+        scoreBar(result.score),
+      ]),
+    ]);
+  }
+
+  function render(body, what) {
+    els.error.hidden = true;
+    els.empty.hidden = body.results.length > 0;
+    const captions = body.mode === "captions";
+    els.results.dataset.mode = captions ? "captions" : "images";
+    if (captions) {
+      els.results.replaceChildren(el("ol", { className: "caption-list" },
+                                     body.results.map((r, i) => captionRow(r, i + 1))));
+    } else {
+      els.results.replaceChildren(...body.results.map((r, i) => imageCard(r, i + 1)));
+    }
+    const noun = captions ? "caption" : "image";
+    const count = body.results.length;
+    els.status.textContent = `${count} ${noun}${count === 1 ? "" : "s"} for ${what} · ${body.took_ms} ms`;
+  }
+
+  // ------------------------------------------------------------------ searches
+  async function searchText() {
+    const q = els.query.value;
+    const k = els.k.value;
+    state.last = { kind: "text" };
+    hidePreview();
+    const params = new URLSearchParams({ q, k });
+    history.replaceState(null, "", q.trim() ? `?${params}` : location.pathname);
+    setBusy(true);
+    try {
+      render(await api(`/api/search?${params}`), `“${q.trim()}”`);
+    } catch (err) {
+      if (err.name !== "AbortError") showError(err.message);
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  async function searchImage(file, label) {
+    state.last = { kind: "image", file, label };
+    showPreview(file, label);
+    const limit = state.info && state.info.max_upload_bytes;
+    if (limit && file.size > limit) {
+      showError(`the uploaded image is too large (${mib(file.size)}); at most ${mib(limit)}`);
+      return;
+    }
+    const form = new FormData();
+    form.append("file", file, file.name || "upload");
+    const params = new URLSearchParams({ k: els.k.value, mode: mode() });
+    setBusy(true);
+    try {
+      render(await api(`/api/search/image?${params}`, { method: "POST", body: form }), label);
+    } catch (err) {
+      if (err.name !== "AbortError") showError(err.message);
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  async function searchLikeResult(result) {
+    try {
+      const response = await fetch(result.thumbnail);
+      if (!response.ok) throw new Error(`could not load the thumbnail of ${result.id}`);
+      const blob = await response.blob();
+      const name = result.id.split("/").pop();
+      document.querySelector("#mode-images").checked = true;
+      await searchImage(new File([blob], name, { type: blob.type }), name);
+    } catch (err) {
+      showError(err.message);
+    }
+  }
+
+  function rerun() {
+    if (!state.last) return;
+    if (state.last.kind === "text") searchText();
+    else searchImage(state.last.file, state.last.label);
+  }
+
+  function showPreview(file, label) {
+    if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+    state.previewUrl = URL.createObjectURL(file);
+    els.previewImage.src = state.previewUrl;
+    els.previewName.textContent = label;
+    els.preview.hidden = false;
+  }
+
+  els.previewImage.addEventListener("error", hidePreview);  // not an image: the API's error says so
+
+  function hidePreview() {
+    els.preview.hidden = true;
+  }
+
+  // ------------------------------------------------------------------ events
+  els.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    searchText();
+  });
+  els.k.addEventListener("change", rerun);
+  for (const radio of document.querySelectorAll('input[name="mode"]')) {
+    radio.addEventListener("change", () => { if (state.last && state.last.kind === "image") rerun(); });
+  }
+  els.file.addEventListener("change", () => {
+    const file = els.file.files[0];
+    if (file) searchImage(file, file.name);
+    els.file.value = "";  // choosing the same file again searches again
+  });
+  els.dropzone.addEventListener("keydown", (event) => {
+    if ((event.key === "Enter" || event.key === " ") && event.target === els.dropzone) {
+      event.preventDefault();
+      els.file.click();
+    }
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    els.dropzone.addEventListener(type, (event) => {
+      event.preventDefault();
+      els.dropzone.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "dragend"]) {
+    els.dropzone.addEventListener(type, () => els.dropzone.classList.remove("dragging"));
+  }
+  els.dropzone.addEventListener("drop", async (event) => {
+    event.preventDefault();
+    els.dropzone.classList.remove("dragging");
+    const file = event.dataTransfer.files[0];
+    if (file) return searchImage(file, file.name);
+    const url = (event.dataTransfer.getData("text/uri-list") || "").split("\n")[0].trim();
+    if (url && new URL(url, location.href).origin === location.origin) {  // a result's thumbnail
+      const blob = await (await fetch(url)).blob();
+      const name = decodeURIComponent(url.split("/").pop());
+      return searchImage(new File([blob], name, { type: blob.type }), name);
+    }
+    showError("drop an image file");
+  });
+  document.addEventListener("paste", (event) => {
+    const file = [...(event.clipboardData ? event.clipboardData.files : [])].find((f) => f.type.startsWith("image/"));
+    if (file) {
+      event.preventDefault();
+      searchImage(file, file.name || "pasted image");
+    }
+  });
+  document.addEventListener("keydown", (event) => {
+    const typing = ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName);
+    if (event.key === "/" && !typing) {
+      event.preventDefault();
+      els.query.focus();
+    }
+  });
+
+  // ------------------------------------------------------------------ start
+  async function loadInfo() {
+    try {
+      const response = await fetch("/api/info");
+      const info = await response.json();
+      if (!response.ok) throw new Error(info.error || `the server answered ${response.status}`);
+      state.info = info;
+      const parts = [`${info.images.toLocaleString()} images`, `${info.captions.toLocaleString()} captions`,
+                     `${info.dim}-d`, `model ${info.model_tag}`];
+      if (info.query_model_tag !== info.model_tag) parts.push(`queries by ${info.query_model_tag}`);
+      els.info.textContent = parts.join(" · ");
+      els.info.title = `dataset ${info.dataset}${info.split ? ` (${info.split})` : ""}`;
+      for (const option of [...els.k.options]) if (Number(option.value) > info.max_k) option.remove();
+    } catch (err) {
+      els.info.textContent = "index information unavailable";
+    }
+  }
+
+  const params = new URLSearchParams(location.search);
+  if (params.has("k") && [...els.k.options].some((o) => o.value === params.get("k"))) els.k.value = params.get("k");
+  loadInfo();
+  if (params.get("q")) {
+    els.query.value = params.get("q");
+    searchText();
+  }
+})();
