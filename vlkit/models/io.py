@@ -24,10 +24,12 @@ TOKENIZER_NAME = "tokenizer.json"
 
 def architectures() -> dict[str, type[nn.Module]]:
     """Model classes by the architecture name stored in ``config.json``."""
+    from vlkit.models.albef.model import ALBEF
     from vlkit.models.brivl.model import BriVL
     from vlkit.models.clip.model import CLIP
+    from vlkit.models.vilt.model import ViLT
 
-    return {"clip": CLIP, "brivl": BriVL}
+    return {"clip": CLIP, "brivl": BriVL, "albef": ALBEF, "vilt": ViLT}
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
