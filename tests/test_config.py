@@ -212,11 +212,11 @@ def test_round_trip(good, tmp_path):
 
 def test_choices_registry(good, monkeypatch):
     monkeypatch.setattr(config_load, "CHOICES", {k: set(v) for k, v in CHOICES.items()})
-    assert config_load.CHOICES["tasks.*.name"] == {"retrieval"}
-    with pytest.raises(ConfigError, match="'vqa' is not one of retrieval"):
-        load_config(good, ["tasks.0.name=vqa"])
-    config_load.register_choice("tasks.*.name", "vqa")
-    assert load_config(good, ["tasks.0.name=vqa"]).tasks[0].name == "vqa"
+    assert config_load.CHOICES["tasks.*.name"] == {"retrieval", "vqa", "itm", "classification"}
+    with pytest.raises(ConfigError, match="'captioning' is not one of"):
+        load_config(good, ["tasks.0.name=captioning"])
+    config_load.register_choice("tasks.*.name", "captioning")
+    assert load_config(good, ["tasks.0.name=captioning"]).tasks[0].name == "captioning"
     # a new pattern makes a field enumerated; * matches mapping keys too
     config_load.register_choice("datasets.*.train_split", "train", "all")
     with pytest.raises(ConfigError) as excinfo:
@@ -224,7 +224,7 @@ def test_choices_registry(good, monkeypatch):
     assert problems_of(excinfo)["datasets.data.train_split"].endswith("(did you mean 'train'?)")
     with pytest.raises(ValueError):
         register_choice("tasks..name", "x")
-    assert "vqa" not in CHOICES["tasks.*.name"]  # the real table was not touched
+    assert "captioning" not in CHOICES["tasks.*.name"]  # the real table was not touched
 
 
 def test_recipes(tmp_path):

@@ -155,7 +155,7 @@ def test_missing_or_bad_file_names_the_path(tmp_path: Path) -> None:
 def test_word_tokenizer() -> None:
     tok = build_word_tokenizer(CAPTIONS, max_length=32)
     vocab = tok.tokenizer.get_vocab()
-    assert [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]")] == [0, 1, 2, 3]
+    assert [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
     assert tok.pad_id == 0 and tok.max_length == 32
     ids = tok(["A DOG, laughing!", "zebra dog"])["input_ids"].tolist()
     comma, unk = vocab[","], 1
@@ -166,7 +166,7 @@ def test_word_tokenizer() -> None:
     # Every training word is known.
     words = caption_words()
     assert all(w in vocab for w in words)
-    assert tok.vocab_size == len(words) + 4 + 2  # words, specials, "," and "."
+    assert tok.vocab_size == len(words) + 5 + 2  # words, specials, "," and "."
 
 
 def test_word_tokenizer_is_deterministic() -> None:

@@ -11,7 +11,8 @@ from vlkit import __version__
 from vlkit.errors import VlkitError
 
 # Subcommand modules, in the order ``vlkit --help`` lists them.
-SUBCOMMANDS = ("ingest", "data", "train", "eval", "configs", "plot", "embed", "index", "search", "quickstart", "serve")
+SUBCOMMANDS = ("ingest", "data", "train", "eval", "configs", "plot", "embed", "index", "search", "serve", "ask",
+               "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe")
+TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "vqa")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +49,12 @@ def _print_table(summary: dict, result) -> None:
             v = [getattr(m, f"{key}_{s}") for s in ("r1", "r5", "r10", "mean_rank", "median_rank")]
             print(f"{name:14}{v[0]:8.2f}{v[1]:8.2f}{v[2]:8.2f}{v[3]:12.2f}{v[4]:13.1f}")
         print(f"{'rsum':14}{m.rsum:8.2f}")
+    elif summary["task"] == "vqa":
+        prefix = next(k for k in summary["metrics"] if k.endswith("vqa_acc"))[: -len("vqa_acc")]
+        print(f"{summary['images']} images, {summary['questions']} questions, {summary['answers']} answers\n")
+        print(f"{'VQA accuracy':32}{summary['metrics'][prefix + 'vqa_acc']:7.2f} %")
+        print(f"{'majority answer (' + summary['majority_answer'] + ')':32}"
+              f"{summary['metrics'][prefix + 'vqa_majority_acc']:7.2f} %")
     else:
         m = result.classification
         extra = ""

@@ -54,7 +54,8 @@ CHOICES: dict[str, set[str]] = {
     "precision": {"fp32", "bf16", "fp16"},
     "distributed": {"ddp", "fsdp"},
     "device": {"auto", "cpu", "cuda"},
-    "tasks.*.name": {"retrieval"},
+    "tasks.*.name": {"retrieval", "vqa", "itm", "classification"},
+    "sampling.strategy": {"all", "round_robin", "proportional", "fixed", "temperature"},
     "tasks.*.loss": {"contrastive", "siglip", "momentum"},
     "model.lock.tower": {"image", "text"},
 }

@@ -45,6 +45,16 @@ class TaskConfig:
     loss: str = "contrastive"  # contrastive | siglip | momentum
     weight: float = 1.0
     local_loss: bool = False  # distributed contrastive loss over local rows only
+    prompt: Optional[str] = None  # classification: the text paired with every image (default: its first caption)
+
+
+@dataclass
+class SamplingConfig:
+    """How the training steps are shared between the tasks of a multi-task config."""
+
+    strategy: str = "all"  # all (every task every step, losses summed) | round_robin | proportional | fixed | temperature
+    weights: Optional[list[float]] = None  # fixed: one sampling weight per task
+    temperature: float = 2.0  # temperature: a task's probability grows as (dataset size) ** (1 / temperature)
 
 
 @dataclass
@@ -71,6 +81,7 @@ class TrainConfig:
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     tasks: list[TaskConfig] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output_dir: str = "runs/run"
     seed: int = 0
     epochs: int = 1

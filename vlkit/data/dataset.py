@@ -47,6 +47,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         seed: seed of the per-sample random choices.
         normalize: return float images normalised with the transform's mean/std (else uint8).
         columns: further columns to return as lists (e.g. ``["questions", "answers"]``).
+        require: list columns that must be non-empty for a row to be used (e.g. ``["questions"]`` for VQA).
 
     Example:
         >>> ds = LanceImageTextDataset("coco.lance", "train", ImageTransform(224, train=True), tok)
@@ -63,6 +64,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         seed: int = 0,
         normalize: bool = True,
         columns: Sequence[str] = (),
+        require: Sequence[str] = (),
     ):
         if captions not in ("random", "first", "all", "none"):
             raise DataError(f"captions must be random, first, all or none, not '{captions}'")
@@ -80,6 +82,13 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: no column(s) {missing}; columns are {ds.schema.names}")
         self.columns = list(columns)
         self.offsets: list[int] = split_indices(ds, split)
+        for name in require:
+            if name not in ds.schema.names:
+                raise DataError(f"{path}: no column '{name}'; columns are {ds.schema.names}")
+            values = ds.to_table(columns=[name]).column(name)
+            self.offsets = [i for i in self.offsets if values[i].is_valid and len(values[i]) > 0]
+            if not self.offsets:
+                raise DataError(f"{path}: no rows of split '{split}' have {name}")
         if captions != "none":
             counts = ds.to_table(columns=["captions"]).column("captions")
             lengths = [len(counts[i]) if counts[i].is_valid else 0 for i in self.offsets]

@@ -21,7 +21,7 @@ TOKENIZER_FILE = "tokenizer.json"
 PAD_TOKENS = ("[PAD]", "<pad>", "<|endoftext|>")
 
 #: Special tokens of :func:`build_word_tokenizer`, in id order.
-WORD_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+WORD_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def _resolve_path(path: str | Path) -> Path:
@@ -179,7 +179,7 @@ def build_word_tokenizer(texts: Iterable[str], max_length: int = 32) -> TextToke
     """Train a word-level tokenizer on some texts, for tiny models on synthetic captions.
 
     Words are lowercased and split at whitespace and punctuation; every word seen becomes
-    a token. Ids 0-3 are ``[PAD]``, ``[UNK]``, ``[CLS]``, ``[SEP]``; words never seen map
+    a token. Ids 0-4 are ``[PAD]``, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``; words never seen map
     to ``[UNK]`` and each text is wrapped as ``[CLS] ... [SEP]``.
 
     Args:

@@ -24,7 +24,7 @@ from vlkit.search.embed import Embeddings, compute_embeddings
 from vlkit.search.loading import load_for_inference
 from vlkit.tasks.labels import require_labels
 
-TASKS = ("retrieval", "zeroshot", "linear-probe")
+TASKS = ("retrieval", "zeroshot", "linear-probe", "vqa")
 
 
 @dataclass
@@ -55,7 +55,7 @@ class EvalResult:
     model_tag: str
     metrics: dict[str, float]
     details: dict[str, Any]
-    embeddings: Embeddings = field(repr=False)
+    embeddings: Embeddings | None = field(repr=False)
     retrieval: RetrievalMetrics | None = None
     classification: ClassificationMetrics | None = field(default=None, repr=False)
     class_names: list[str] = field(default_factory=list)
@@ -97,6 +97,38 @@ def _require_captions(dataset: str | Path, split: str) -> None:
                         "(for a labelled dataset use --task zeroshot or --task linear-probe)")
 
 
+def _require_questions(dataset: str | Path, split: str) -> None:
+    ds = open_dataset(dataset)
+    if "questions" not in ds.schema.names:
+        raise DataError(f"{dataset}: no questions; VQA needs a dataset ingested from VQA questions")
+    questions = ds.take(split_indices(ds, split), columns=["questions"]).column("questions")
+    if not (pc.sum(pc.list_value_length(questions)).as_py() or 0):
+        raise DataError(f"{dataset}: split '{split}' has no questions")
+
+
+def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, batch_size: int,
+                  limit: int | None) -> EvalResult:
+    import contextlib
+
+    from vlkit.data.dataset import LanceImageTextDataset
+    from vlkit.metrics.vqa import vqa_metrics
+    from vlkit.tasks.vqa import QA_COLUMNS, answer_split, model_answers
+    from vlkit.train.distributed import DistInfo
+
+    vocab = model_answers(loaded.model)  # a clear error for a model without an answer head
+    ds = LanceImageTextDataset(dataset, split, loaded.model.preprocess.image_transform(train=False), None,
+                               captions="none", columns=QA_COLUMNS, require=["questions"])
+    if limit is not None:
+        ds.offsets = ds.offsets[:limit]
+    pairs = answer_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size)
+    m = vqa_metrics([p for p, _ in pairs], [a for _, a in pairs])
+    majority = vqa_metrics([vocab.majority()] * len(pairs), [a for _, a in pairs])
+    metrics = {f"{prefix}vqa_acc": float(m.accuracy), f"{prefix}vqa_majority_acc": float(majority.accuracy)}
+    details = {"images": len(ds), "questions": len(pairs), "answers": len(vocab),
+               "majority_answer": vocab.majority()}
+    return EvalResult(**base, metrics=metrics, details=details, embeddings=None)
+
+
 def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str = "test", *,
              train_split: str = "train", templates: Sequence[str] | None = None, batch_size: int = 64,
              limit: int | None = None, num_workers: int = 0, progress: bool = False) -> EvalResult:
@@ -130,6 +162,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     split_indices(open_dataset(dataset), split)  # the dataset and the split exist
     if task == "retrieval":
         _require_captions(dataset, split)
+    elif task == "vqa":
+        _require_questions(dataset, split)
     else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
         require_labels(dataset, split, "zero-shot classification" if task == "zeroshot" else "the linear probe")
     loaded = load_for_inference(model_path)
@@ -149,6 +183,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         result = EvalResult(**base, metrics=zs.metrics.as_dict(prefix), details=details, embeddings=zs.embeddings,
                             classification=zs.metrics, class_names=zs.class_names, scores=zs.scores,
                             labels=zs.labels)
+    elif task == "vqa":
+        result = _evaluate_vqa(loaded, dataset, split, base, prefix, batch_size, limit)
     else:
         from vlkit.tasks.linear_probe import evaluate_linear_probe
 

@@ -124,6 +124,16 @@ def _retrieval_body(result: EvalResult, out: Path) -> str:
 # ---------------------------------------------------------------------------------------------- classification
 
 
+def _vqa_body(result: EvalResult) -> str:
+    d, m = result.details, result.metrics
+    acc = next(v for k, v in m.items() if k.endswith("/vqa_acc"))
+    majority = next(v for k, v in m.items() if k.endswith("/vqa_majority_acc"))
+    return "<h2>Visual question answering</h2>" + _table(["metric", "value"], [
+        ["VQA accuracy (min(humans / 3, 1), official answer normalisation)", f"{_fmt(acc)} %"],
+        [f"majority answer ({html.escape(d['majority_answer'])})", f"{_fmt(majority)} %"],
+        ["questions", str(d["questions"])], ["images", str(d["images"])], ["answer vocabulary", str(d["answers"])]])
+
+
 def _classification_body(result: EvalResult, out: Path) -> str:
     m, names = result.classification, result.class_names
     title = "Zero-shot classification" if result.task == "zeroshot" else "Linear probe"
@@ -177,7 +187,12 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
     _check_replaceable(out_dir)
     summary = result.summary()
     with atomic_directory(out_dir) as tmp:
-        body = _retrieval_body(result, tmp) if result.task == "retrieval" else _classification_body(result, tmp)
+        if result.task == "retrieval":
+            body = _retrieval_body(result, tmp)
+        elif result.task == "vqa":
+            body = _vqa_body(result)
+        else:
+            body = _classification_body(result, tmp)
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "index.html").write_text(_page(result, body), encoding="utf-8")
     return out_dir / "index.html"

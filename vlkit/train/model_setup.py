@@ -15,17 +15,44 @@ SPECIAL_SEP = "[SEP]"
 
 
 def training_captions(cfg: TrainConfig) -> list[str]:
-    """Every caption of every task's training split, sorted (the same on every rank)."""
+    """Every caption (and question) of every task's training split, sorted (the same on every rank)."""
     texts: set[str] = set()
     for task in cfg.tasks:
+        if task.prompt:
+            texts.add(task.prompt)
         data = cfg.datasets[task.dataset]
         ds = open_dataset(data.path)
         offsets = split_indices(ds, data.train_split)
-        for caps in ds.take(offsets, columns=["captions"]).column("captions").to_pylist():
-            texts.update(caps or [])
+        columns = ["captions"] + (["questions"] if "questions" in ds.schema.names else [])
+        table = ds.take(offsets, columns=columns)
+        for column in columns:
+            for values in table.column(column).to_pylist():
+                texts.update(values or [])
     if not texts:
         raise VlkitError("no captions in the training splits to build a tokenizer from; set model.tokenizer")
     return sorted(texts)
+
+
+def training_answers(cfg: TrainConfig) -> list[str]:
+    """The answer vocabulary of the VQA tasks' training splits (empty without a VQA task)."""
+    from vlkit.data.answers import AnswerVocab
+
+    answer_lists: list[list[str]] = []
+    for task in cfg.tasks:
+        if task.name != "vqa":
+            continue
+        data = cfg.datasets[task.dataset]
+        ds = open_dataset(data.path)
+        if "answers" not in ds.schema.names:
+            raise VlkitError(f"task vqa: dataset {task.dataset} ({data.path}) has no questions and answers")
+        for per_image in ds.take(split_indices(ds, data.train_split), columns=["answers"]).column("answers").to_pylist():
+            answer_lists.extend(a for a in (per_image or []) if a)
+    if any(t.name == "vqa" for t in cfg.tasks) and not answer_lists:
+        raise VlkitError("task vqa: no answered questions in the training split")
+    return AnswerVocab.build(answer_lists).answers if answer_lists else []
+
+
+FUSION_PREFIXES = ("albef", "vilt")
 
 
 def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
@@ -43,6 +70,16 @@ def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
         tokenizer = build_word_tokenizer(training_captions(cfg), max_length=context)
         args.setdefault("vocab_size", tokenizer.vocab_size)
         args.setdefault("eos_token_id", tokenizer.tokenizer.token_to_id(SPECIAL_SEP))
+    elif cfg.model.name.startswith(FUSION_PREFIXES) and cfg.model.pretrained is None:
+        tokenizer = build_word_tokenizer(training_captions(cfg), max_length=args.get("context_length", 32))
+        args.setdefault("context_length", tokenizer.max_length)
+        args.setdefault("vocab_size", tokenizer.vocab_size)
+        args.setdefault("mask_token_id", tokenizer.tokenizer.token_to_id("[MASK]"))
+        args.setdefault("pad_token_id", tokenizer.tokenizer.token_to_id("[PAD]"))
+    if any(t.name == "vqa" for t in cfg.tasks) and "answers" not in args:
+        if not cfg.model.name.startswith(FUSION_PREFIXES):
+            raise VlkitError(f"task vqa needs a fusion model (albef-*, vilt-*), not {cfg.model.name}")
+        args["answers"] = training_answers(cfg)
     model = create_model(cfg.model.name, cfg.model.pretrained, **args)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.pretrained or "", model)

@@ -128,12 +128,29 @@ class Trainer:
         self.model, self.tokenizer = build_model_and_tokenizer(cfg, self.dist)
         self.model.to(self.dist.device)
         self.tasks = [build_task(t.name, t.dataset, t, cfg.datasets[t.dataset], self.tokenizer,
-                                 unwrap(self.model).preprocess, self.dist, seed=cfg.seed, augment=cfg.augment)
+                                 unwrap(self.model).preprocess, self.dist, seed=cfg.seed, augment=cfg.augment,
+                                 **({"model": self.model} if t.name == "classification" else {}))
                       for t in cfg.tasks]
         for task in self.tasks:
             task.to(self.dist.device)
         self.loaders = [task.train_loader(self.per_rank_batch) for task in self.tasks]
-        self.steps_per_epoch = min(t.sampler.samples_per_rank // self.per_rank_batch for t in self.tasks)
+        task_steps = [t.sampler.samples_per_rank // self.per_rank_batch for t in self.tasks]
+        self.task_sampler = None
+        if cfg.sampling.strategy == "all":  # every task every step: an epoch ends with the smallest dataset
+            self.steps_per_epoch = min(task_steps)
+        else:  # one task per step, chosen by the sampler: an epoch is one pass over every dataset's batches
+            from vlkit.train.task_sampler import TaskSampler
+
+            try:
+                self.task_sampler = TaskSampler([len(t.train_set) for t in self.tasks], cfg.sampling.strategy,
+                                                cfg.sampling.weights, cfg.sampling.temperature, seed=cfg.seed)
+            except ValueError as exc:
+                raise VlkitError(f"sampling: {exc}") from None
+            self.steps_per_epoch = sum(task_steps)
+        self.task_steps = task_steps
+        # where each task is in its own data (sampled strategies): epoch and batches taken in it
+        self.task_epoch = [0] * len(self.tasks)
+        self.task_batch = [0] * len(self.tasks)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         if cfg.grad_checkpointing:
             unwrap(self.model).set_grad_checkpointing(True)
@@ -156,6 +173,7 @@ class Trainer:
                                      use_buffers=True)
         self.autocast = _Autocast(cfg.precision, self.dist.device)
         self.epoch = self.step_in_epoch = self.global_step = 0
+        self._task_iters: dict[int, Any] = {}
         self.best: float | None = None
         self.last_eval: dict[str, float] = {}
         self.log = RunLog(self.run_dir, cfg.tensorboard) if self.dist.is_main else None
@@ -183,7 +201,9 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.state_dict() if self.ema else None,
             "tasks": [t.state_dict() for t in self.tasks], "rng": rng_states(),
-            "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step},
+            "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                         "task_epoch": list(self.task_epoch), "task_batch": list(self.task_batch)},
+            "task_sampler": self.task_sampler.state_dict() if self.task_sampler is not None else None,
             "best": self.best, "fingerprint": model_fingerprint(self.cfg),
             "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
         }
@@ -216,6 +236,10 @@ class Trainer:
             task.load_state_dict(task_state)
         pos = state["position"]
         self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        self.task_epoch = list(pos.get("task_epoch", self.task_epoch))
+        self.task_batch = list(pos.get("task_batch", self.task_batch))
+        if self.task_sampler is not None and state.get("task_sampler") is not None:
+            self.task_sampler.load_state_dict(state["task_sampler"])
         self.best = state["best"]
         set_rng_states(state["rng"])
         if self.log is not None:
@@ -230,13 +254,15 @@ class Trainer:
                     if name.endswith("logit_scale"):
                         p.clamp_(0, math.log(100.0))
 
-    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+    def train_step(self, batches: list[dict[str, Any]], tasks: list[nn.Module] | None = None) -> dict[str, float]:
+        """One optimizer step over one batch of each of ``tasks`` (default: every task)."""
         self.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         total = 0.0
-        for task, batch in zip(self.tasks, batches):
+        for task, batch in zip(tasks or self.tasks, batches):
             out = task.forward_backward(self.model, batch, self.cfg.grad_accum, self.autocast, scaler=self.scaler)
-            logs[f"train/{task.key}/loss"] = out["loss"]
+            for name, value in out.items():
+                logs[f"train/{task.key}/{name}"] = value
             total += task.cfg.weight * out["loss"]
         self._average_replicated_grads()
         if self.scaler is not None:
@@ -299,12 +325,17 @@ class Trainer:
                    dynamic_ncols=True, unit="step")
         seen, started = 0, time.perf_counter()
         while self.global_step < self.total_steps:
-            for task in self.tasks:
-                task.set_epoch(self.epoch, self.step_in_epoch * self.per_rank_batch)
-            iterators = [iter(loader) for loader in self.loaders]
+            if self.task_sampler is None:
+                for task in self.tasks:
+                    task.set_epoch(self.epoch, self.step_in_epoch * self.per_rank_batch)
+            iterators = [iter(loader) for loader in self.loaders] if self.task_sampler is None else None
             while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps:
-                batches = [next(it) for it in iterators]
-                logs = self.train_step(batches)
+                if iterators is not None:
+                    logs = self.train_step([next(it) for it in iterators])
+                else:
+                    chosen = self.task_sampler.next()
+                    logs = self.train_step([self._next_task_batch(chosen)], [self.tasks[chosen]])
+                    logs["train/task"] = chosen
                 self.global_step += 1
                 self.step_in_epoch += 1
                 seen += cfg.batch_size
@@ -333,6 +364,18 @@ class Trainer:
             self._after_eval(self.evaluate())
         self.finish()
         return self.last_eval
+
+    def _next_task_batch(self, i: int) -> dict[str, Any]:
+        """The next training batch of task ``i`` (sampled strategies): each task walks through its own epochs."""
+        if self.task_batch[i] >= self.task_steps[i]:
+            self.task_epoch[i] += 1
+            self.task_batch[i] = 0
+            self._task_iters.pop(i, None)
+        if i not in self._task_iters:
+            self.tasks[i].set_epoch(self.task_epoch[i], self.task_batch[i] * self.per_rank_batch)
+            self._task_iters[i] = iter(self.loaders[i])
+        self.task_batch[i] += 1
+        return next(self._task_iters[i])
 
     def finish(self) -> None:
         sharded = self.cfg.distributed == "fsdp" and self.dist.enabled

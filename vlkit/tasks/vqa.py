@@ -1,0 +1,178 @@
+"""Visual question answering: answer classification over a vocabulary built from the training answers.
+
+Training takes one question per image per epoch (a new draw every epoch, seeded by ``(seed, epoch, row)``) and
+a soft target per answer, ``min(humans who gave it / 3, 1)``; the loss is binary cross-entropy summed over the
+answers. Evaluation answers every question of the validation split with the top-scoring answer and reports
+the standard VQA accuracy (with the official answer normalisation) beside the majority-answer baseline.
+
+The model must be a fusion model built with ``answers`` (the trainer does this for a config with a VQA task):
+its ``forward(images, input_ids, attention_mask, head="answer")`` returns answer logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlkit.config.schema import DatasetConfig, TaskConfig
+from vlkit.data.answers import AnswerVocab
+from vlkit.data.dataset import LanceImageTextDataset, make_loader
+from vlkit.data.sampler import DistributedEpochSampler
+from vlkit.errors import VlkitError
+from vlkit.metrics.vqa import vqa_metrics
+from vlkit.tasks import register_task
+from vlkit.tasks.retrieval import _no_sync, unwrap
+from vlkit.train.distributed import DistInfo, all_gather_objects
+
+QA_COLUMNS = ["questions", "answers"]
+
+
+def model_answers(model: nn.Module) -> AnswerVocab:
+    """The answer vocabulary a model was built with, or a clear error."""
+    answers = list(getattr(getattr(unwrap(model), "config", None), "answers", None) or [])
+    if not answers:
+        raise VlkitError(f"{type(unwrap(model)).__name__} has no answer head: VQA needs a fusion model "
+                         "(albef-*, vilt-*) built with the training answers")
+    return AnswerVocab(answers)
+
+
+def expand_questions(batch: dict[str, Any], pick: random.Random | None = None) -> tuple[list[int], list[str], list[list[str]]]:
+    """Questions of a batch: one per image drawn with ``pick``, or all of them (``pick=None``).
+
+    Returns:
+        ``(image position in the batch, question, human answers)`` as three lists.
+    """
+    owner, questions, answers = [], [], []
+    for pos, (qs, ans) in enumerate(zip(batch["questions"], batch["answers"])):
+        qs, ans = list(qs or []), list(ans or [])
+        chosen = range(len(qs)) if pick is None else [pick(batch["index"][pos].item(), len(qs))]
+        for q in chosen:
+            owner.append(pos)
+            questions.append(qs[q])
+            answers.append(list(ans[q] or []) if q < len(ans) else [])
+    return owner, questions, answers
+
+
+@register_task("vqa")
+class VQATask(nn.Module):
+    """VQA as soft answer classification on one dataset (rows with ``questions`` and ``answers``).
+
+    Args: as :class:`vlkit.tasks.retrieval.RetrievalTask`.
+    """
+
+    def __init__(self, key: str, cfg: TaskConfig, data: DatasetConfig, tokenizer, preprocess, dist: DistInfo,
+                 seed: int = 0, augment: bool = True):
+        super().__init__()
+        self.key, self.cfg, self.data, self.dist = key, cfg, data, dist
+        self.tokenizer, self.preprocess, self.seed, self.augment = tokenizer, preprocess, seed, augment
+        self.train_set: LanceImageTextDataset | None = None
+        self.sampler: DistributedEpochSampler | None = None
+        self.epoch = 0
+
+    # ------------------------------------------------------------------ data
+    def dataset(self, split: str, train: bool) -> LanceImageTextDataset:
+        transform = self.preprocess.image_transform(train=train and self.augment)
+        return LanceImageTextDataset(self.data.path, split, transform, None, captions="none", seed=self.seed,
+                                     columns=QA_COLUMNS, require=["questions"])
+
+    def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
+        self.train_set = self.dataset(self.data.train_split, train=True)
+        if len(self.train_set) < per_rank_batch * self.dist.world_size:
+            raise VlkitError(f"dataset {self.key}: {len(self.train_set)} training images with questions are fewer "
+                             f"than one batch of {per_rank_batch * self.dist.world_size}; lower batch_size")
+        self.sampler = DistributedEpochSampler(len(self.train_set), self.dist.world_size, self.dist.rank,
+                                               shuffle=True, seed=self.seed, drop_last=True)
+        return make_loader(self.train_set, per_rank_batch, self.sampler, num_workers=self.data.num_workers,
+                           drop_last=True, pin_memory=self.dist.device.type == "cuda")
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        self.epoch = epoch
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_position(position)
+
+    def _pick(self, index: int, count: int) -> int:
+        return random.Random(f"{self.seed}:vqa:{self.epoch}:{index}").randrange(count)
+
+    def _inputs(self, batch: dict[str, Any], owner: list[int], questions: list[str]):
+        device = self.dist.device
+        tokens = self.tokenizer(questions)
+        images = batch["image"][torch.tensor(owner, dtype=torch.long)]
+        return (images.to(device, non_blocking=True), tokens["input_ids"].to(device, non_blocking=True),
+                tokens["attention_mask"].to(device, non_blocking=True))
+
+    # ------------------------------------------------------------------ loss
+    def forward_backward(self, model: nn.Module, batch: dict[str, Any], micro_batches: int, autocast,
+                         loss_scale: float = 1.0, scaler=None) -> dict[str, float]:
+        vocab = model_answers(model)
+        owner, questions, answers = expand_questions(batch, self._pick)
+        targets = torch.stack([vocab.targets(a) for a in answers]).to(self.dist.device)  # [batch, answers]
+        size = -(-len(owner) // micro_batches)  # micro-batches of questions; the loss is a mean, so weight them
+        total = 0.0
+        starts = list(range(0, len(owner), size))
+        for n, start in enumerate(starts):
+            part = slice(start, start + size)
+            weight = len(owner[part]) / len(owner)
+            sync = _no_sync(model) if n < len(starts) - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    logits = model(*self._inputs(batch, owner[part], questions[part]), head="answer")
+                    loss = vqa_loss(logits.float(), targets[part])
+                scaled = loss * self.cfg.weight * loss_scale * weight
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += float(loss.detach()) * weight
+        return {"loss": total}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, autocast, batch_size: int = 64) -> dict[str, float]:
+        """VQA accuracy on the validation split's questions (every rank answers its share)."""
+        if not self.data.val_split:
+            return {}
+        result = answer_split(model, self.tokenizer, self.dataset(self.data.val_split, train=False), self.dist,
+                              autocast, batch_size)
+        vocab = model_answers(model)
+        majority = vocab.majority()
+        metrics = vqa_metrics([p for p, _ in result], [a for _, a in result])
+        baseline = vqa_metrics([majority] * len(result), [a for _, a in result])
+        return {f"val/{self.key}/vqa_acc": float(metrics.accuracy),
+                f"val/{self.key}/vqa_majority_acc": float(baseline.accuracy),
+                f"val/{self.key}/vqa_questions": float(len(result))}
+
+
+def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy with soft targets, summed over answers and averaged over questions."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / max(1, logits.shape[0])
+
+
+def answer_split(model: nn.Module, tokenizer, ds: LanceImageTextDataset, dist: DistInfo, autocast,
+                 batch_size: int = 64) -> list[tuple[str, list[str]]]:
+    """``(predicted answer, human answers)`` for every question of ``ds``, in dataset order."""
+    vocab = model_answers(model)
+    sampler = DistributedEpochSampler(len(ds), dist.world_size, dist.rank, shuffle=False)
+    loader = make_loader(ds, batch_size, sampler, num_workers=0)
+    inner = unwrap(model)
+    was_training = inner.training
+    inner.eval()
+    rows: list[tuple[int, list[tuple[str, list[str]]]]] = []
+    for batch in loader:
+        owner, questions, answers = expand_questions(batch)
+        tokens = tokenizer(questions)
+        images = batch["image"][torch.tensor(owner, dtype=torch.long)].to(dist.device)
+        with autocast:
+            logits = inner(images, tokens["input_ids"].to(dist.device), tokens["attention_mask"].to(dist.device),
+                           head="answer")
+        predicted = [vocab.answers[i] for i in logits.float().argmax(dim=-1).tolist()]
+        per_image: dict[int, list] = {}
+        for pos, pred, ans in zip(owner, predicted, answers):
+            per_image.setdefault(pos, []).append((pred, ans))
+        for pos, index in enumerate(batch["index"].tolist()):
+            rows.append((index, per_image.get(pos, [])))
+    inner.train(was_training)
+    merged = {index: qa for part in all_gather_objects(rows) for index, qa in part}  # drops padding
+    return [qa for index in sorted(merged) for qa in merged[index]]
