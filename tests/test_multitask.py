@@ -165,3 +165,28 @@ def test_classification_task_learns_the_largest_shape(synth, tmp_path):
     assert metrics["val/shapes/accuracy"] > 3 * chance
     state = torch.load(next((tmp_path / "run" / "checkpoints").glob("step-*")) / "state.pt", weights_only=False)
     assert any(k.endswith("head.weight") for k in state["tasks"][0])  # the task's head is checkpointed
+
+
+def test_two_gloo_processes_match_one_on_a_multitask_run(synth, synth_vqa, tmp_path):
+    """DDP with 2 gloo processes on CPU, retrieval + VQA round robin: the losses of 1 process with the same
+    global batch (relative tolerance 1e-4: float32 reductions in another order)."""
+    import subprocess
+    import sys
+
+    from tests.test_train_distributed import free_port
+
+    path = tmp_path / "multi.yaml"
+    path.write_text(MULTI.format(path=path, a=synth, b=synth_vqa, strategy="round_robin"))
+    common = ["max_steps=6", "eval_every=6", "save_every=6"]
+    one = run_cli("train", path, f"output_dir={tmp_path / 'one'}", *common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "vlkit", "train", str(path), f"output_dir={tmp_path / 'two'}", *common],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step][1] == a[step][1]
+        assert b[step][0] == pytest.approx(a[step][0], rel=1e-4), step

@@ -68,9 +68,11 @@ def all_gather_objects(obj):
     return out
 
 
-def mean_across_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+def mean_across_ranks(values: list[float]) -> list[float]:
+    """The mean of each value over all ranks (one all-reduce; the values themselves on one process)."""
+    if not dist.is_initialized() or not values:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    return (t / dist.get_world_size()).tolist()

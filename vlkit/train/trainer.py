@@ -88,8 +88,10 @@ def wrap_distributed(model: nn.Module, cfg: TrainConfig, dist: D.DistInfo) -> nn
         for method in ("encode_image", "encode_text"):  # evaluation calls these instead of forward
             register_fsdp_forward_method(model, method)
         return model
+    # fusion models and sampled tasks leave some parameters without gradients on a step (another task's head)
+    unused = hasattr(model, "fuse") or cfg.sampling.strategy != "all" or any(t.name != "retrieval" for t in cfg.tasks)
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+        model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, find_unused_parameters=unused)
 
 
 def full_state_dicts(model: nn.Module, optimizer, cfg: TrainConfig, dist: D.DistInfo):
@@ -262,8 +264,12 @@ class Trainer:
         for task, batch in zip(tasks or self.tasks, batches):
             out = task.forward_backward(self.model, batch, self.cfg.grad_accum, self.autocast, scaler=self.scaler)
             for name, value in out.items():
-                logs[f"train/{task.key}/{name}"] = value
-            total += task.cfg.weight * out["loss"]
+                logs[f"{self._log_prefix(task)}{name}"] = value
+        if self.dist.enabled:  # log what the whole batch gave, not rank 0's share of it
+            keys = list(logs)
+            logs = dict(zip(keys, D.mean_across_ranks([logs[k] for k in keys])))
+        for task in tasks or self.tasks:
+            total += task.cfg.weight * logs[f"{self._log_prefix(task)}loss"]
         self._average_replicated_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -364,6 +370,11 @@ class Trainer:
             self._after_eval(self.evaluate())
         self.finish()
         return self.last_eval
+
+    def _log_prefix(self, task: nn.Module) -> str:
+        """``train/<dataset>/``, or ``train/<dataset>/<task>/`` when several tasks train on that dataset."""
+        shared = sum(1 for t in self.cfg.tasks if t.dataset == task.key) > 1
+        return f"train/{task.key}/{task.cfg.name}/" if shared else f"train/{task.key}/"
 
     def _next_task_batch(self, i: int) -> dict[str, Any]:
         """The next training batch of task ``i`` (sampled strategies): each task walks through its own epochs."""
