@@ -21,7 +21,7 @@ from vlkit.errors import VlkitError
 from vlkit.metrics.classification import classification_metrics
 from vlkit.tasks import register_task
 from vlkit.tasks.labels import dataset_classes, require_labels
-from vlkit.tasks.retrieval import unwrap
+from vlkit.tasks.retrieval import shuffled_loader, unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 
@@ -60,13 +60,9 @@ class ClassificationTask(nn.Module):
 
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
         self.train_set = self._dataset(self.data.train_split, train=True)
-        if len(self.train_set) < per_rank_batch * self.dist.world_size:
-            raise VlkitError(f"dataset {self.key}: {len(self.train_set)} training images are fewer than one batch "
-                             f"of {per_rank_batch * self.dist.world_size}; lower batch_size")
-        self.sampler = DistributedEpochSampler(len(self.train_set), self.dist.world_size, self.dist.rank,
-                                               shuffle=True, seed=self.seed, drop_last=True)
-        return make_loader(self.train_set, per_rank_batch, self.sampler, num_workers=self.data.num_workers,
-                           drop_last=True, pin_memory=self.dist.device.type == "cuda")
+        self.sampler, loader = shuffled_loader(self.train_set, self.key, per_rank_batch, self.dist, self.seed,
+                                               self.data.num_workers)
+        return loader
 
     def set_epoch(self, epoch: int, position: int = 0) -> None:
         self.train_set.set_epoch(epoch)

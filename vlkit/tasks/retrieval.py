@@ -32,6 +32,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def shuffled_loader(ds: LanceImageTextDataset, key: str, per_rank_batch: int, dist: DistInfo, seed: int,
+                    num_workers: int = 0) -> tuple[DistributedEpochSampler, torch.utils.data.DataLoader]:
+    """A task's training sampler and loader: a new shuffle every epoch, equal full batches on every rank.
+
+    Raises:
+        VlkitError: the dataset holds fewer rows than one global batch.
+    """
+    if len(ds) < per_rank_batch * dist.world_size:
+        raise VlkitError(f"dataset {key}: {len(ds)} training images are fewer than one batch of "
+                         f"{per_rank_batch * dist.world_size}; lower batch_size")
+    sampler = DistributedEpochSampler(len(ds), dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=True)
+    return sampler, make_loader(ds, per_rank_batch, sampler, num_workers=num_workers, drop_last=True,
+                                pin_memory=dist.device.type == "cuda")
+
+
 def _slice_batch(batch: dict[str, Any], start: int, end: int) -> dict[str, Any]:
     return {k: v[start:end] for k, v in batch.items()}
 
@@ -65,13 +80,9 @@ class RetrievalTask(nn.Module):
         transform = self.preprocess.image_transform(train=self.augment)
         self.train_set = LanceImageTextDataset(self.data.path, self.data.train_split, transform, self.tokenizer,
                                                captions="random", seed=self.seed)
-        if len(self.train_set) < per_rank_batch * self.dist.world_size:
-            raise VlkitError(f"dataset {self.key}: {len(self.train_set)} training images are fewer than one "
-                             f"batch of {per_rank_batch * self.dist.world_size}; lower batch_size")
-        self.sampler = DistributedEpochSampler(len(self.train_set), self.dist.world_size, self.dist.rank,
-                                               shuffle=True, seed=self.seed, drop_last=True)
-        return make_loader(self.train_set, per_rank_batch, self.sampler, num_workers=self.data.num_workers,
-                           drop_last=True, pin_memory=self.dist.device.type == "cuda")
+        self.sampler, loader = shuffled_loader(self.train_set, self.key, per_rank_batch, self.dist, self.seed,
+                                               self.data.num_workers)
+        return loader
 
     def set_epoch(self, epoch: int, position: int = 0) -> None:
         self.train_set.set_epoch(epoch)

@@ -26,7 +26,7 @@ from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.errors import VlkitError
 from vlkit.metrics.vqa import vqa_metrics
 from vlkit.tasks import register_task
-from vlkit.tasks.retrieval import _no_sync, unwrap
+from vlkit.tasks.retrieval import _no_sync, shuffled_loader, unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 QA_COLUMNS = ["questions", "answers"]
@@ -82,13 +82,9 @@ class VQATask(nn.Module):
 
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
         self.train_set = self.dataset(self.data.train_split, train=True)
-        if len(self.train_set) < per_rank_batch * self.dist.world_size:
-            raise VlkitError(f"dataset {self.key}: {len(self.train_set)} training images with questions are fewer "
-                             f"than one batch of {per_rank_batch * self.dist.world_size}; lower batch_size")
-        self.sampler = DistributedEpochSampler(len(self.train_set), self.dist.world_size, self.dist.rank,
-                                               shuffle=True, seed=self.seed, drop_last=True)
-        return make_loader(self.train_set, per_rank_batch, self.sampler, num_workers=self.data.num_workers,
-                           drop_last=True, pin_memory=self.dist.device.type == "cuda")
+        self.sampler, loader = shuffled_loader(self.train_set, self.key, per_rank_batch, self.dist, self.seed,
+                                               self.data.num_workers)
+        return loader
 
     def set_epoch(self, epoch: int, position: int = 0) -> None:
         self.epoch = epoch
