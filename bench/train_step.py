@@ -8,7 +8,13 @@ Text inputs: ``captions`` uses the token counts of 32 real captions (the bundled
 CLIP tokenizers pad; ``full`` fills all 77 positions (the worst case for vlkit, which does not compute
 positions after the last end-of-text token).
 
-Run: ``python bench/train_step.py [--batch 32] [--steps 3] [--threads N]``
+FLOPs: each implementation's training step (forward + backward, no optimizer) is counted once with
+``torch.utils.flop_counter`` (:func:`vlkit.utils.flops.train_flops_per_sample`): ``train GFLOP/sample`` is what
+that implementation executes, ``train TFLOP/s`` that count x its samples/s. MFU divides the model's FLOPs (vlkit's
+count, the same for both columns: work on padding the reference computes is not model work) x samples/s by the
+peak FLOP/s, which is known for listed GPUs only; on a CPU give it with ``--peak-flops``.
+
+Run: ``python bench/train_step.py [--batch 32] [--steps 3] [--threads N] [--peak-flops F]``
 Prints a markdown table and one JSON line.
 """
 
@@ -79,6 +85,16 @@ def caption_lengths(batch: int) -> torch.Tensor:
     return mask.sum(dim=1)
 
 
+def step_flops(impl: str, model, images, ids, mask) -> float:
+    """Forward + backward FLOPs per sample of one training step of ``impl`` (optimizer excluded)."""
+    from vlkit.utils.flops import train_flops_per_sample
+
+    def step_loss(model, batch):
+        return loss_fn(*embed(impl, model, *batch))
+
+    return train_flops_per_sample(model, (images, ids, mask), loss_fn=step_loss)
+
+
 def child(impl: str, precision: str, text: str, batch: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -92,6 +108,7 @@ def child(impl: str, precision: str, text: str, batch: int, steps: int, threads:
     ids[torch.arange(batch), lengths - 1] = 49407
     ids = ids * mask
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    flops = step_flops(impl, model, images, ids, mask)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -115,7 +132,8 @@ def child(impl: str, precision: str, text: str, batch: int, steps: int, threads:
             encode(images)
         infer_ips = batch * steps / (time.perf_counter() - start)
     return {"impl": impl, "precision": precision, "text": text, "max_tokens": int(lengths.max()),
-            "train_samples_per_s": round(train_sps, 2),
+            "train_samples_per_s": round(train_sps, 2), "flops_per_sample": flops,
+            "achieved_flops_per_s": flops * train_sps,
             "embed_images_per_s": round(infer_ips, 2), "peak_rss_mib": round(peak_rss_mib(), 0),
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
 
@@ -128,6 +146,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--texts", nargs="+", default=["captions", "full"],
                         help="captions: real caption lengths padded to 77; full: all 77 tokens used")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="peak FLOP/s of this CPU for MFU (a CPU has no published peak: without it, no MFU)")
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "PRECISION", "TEXT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -145,20 +165,33 @@ def main() -> None:
 
     machine = (f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, "
                f"transformers {transformers.__version__}")
-    print(f"CLIP ViT-B/32 + 12x512 text, batch {args.batch}, 224 px, {args.steps} timed steps; {machine}\n")
+    from vlkit.utils.flops import peak_flops
+
+    peak = peak_flops("cpu", args.peak_flops)  # the steps run on the CPU
+    print(f"CLIP ViT-B/32 + 12x512 text, batch {args.batch}, 224 px, {args.steps} timed steps; {machine}")
+    print(f"peak: {peak / 1e12:.1f} TFLOP/s (given)\n" if peak else "peak: unknown (give --peak-flops for MFU)\n")
     print("| precision | text | figure | vlkit | transformers | vlkit / transformers |")
     print("|---|---|---|---|---|---|")
     summary = {}
     for precision, text in configs:
         v, h = (next(r for r in results if r["impl"] == impl and r["precision"] == precision and r["text"] == text)
                 for impl in ("vlkit", "transformers"))
-        for key, label in (("train_samples_per_s", "train samples/s"), ("embed_images_per_s", "embed images/s"),
-                           ("peak_rss_mib", "peak RSS MiB")):
+        for r in (v, h):  # model FLOPs: vlkit's count of this configuration, for both implementations
+            r["mfu"] = None if peak is None else round(v["flops_per_sample"] * r["train_samples_per_s"] / peak, 5)
+        rows = [("train_samples_per_s", "train samples/s", 1, ".1f"),
+                ("flops_per_sample", "train GFLOP/sample (fwd+bwd)", 1e9, ".2f"),
+                ("achieved_flops_per_s", "train TFLOP/s (executed)", 1e12, ".3f"),
+                ("embed_images_per_s", "embed images/s", 1, ".1f"), ("peak_rss_mib", "peak RSS MiB", 1, ".1f")]
+        if peak is not None:
+            rows.insert(3, ("mfu", "MFU (model FLOPs)", 0.01, ".2f"))
+        for key, label, unit, fmt in rows:
             ratio = v[key] / h[key]
             summary[f"{precision}_{text}_{key}_ratio"] = round(ratio, 3)
-            print(f"| {precision} | {text} (<= {v['max_tokens']} tokens) | {label} | {v[key]:.1f} | {h[key]:.1f} "
-                  f"| {ratio:.2f}x |")
-    print(json.dumps({"bench": "train_step", "machine": machine, "results": results, "ratios": summary}))
+            cell = "%" if key == "mfu" else ""
+            print(f"| {precision} | {text} (<= {v['max_tokens']} tokens) | {label} | {v[key] / unit:{fmt}}{cell} "
+                  f"| {h[key] / unit:{fmt}}{cell} | {ratio:.2f}x |")
+    print(json.dumps({"bench": "train_step", "machine": machine, "peak_flops": peak, "results": results,
+                      "ratios": summary}))
 
 
 if __name__ == "__main__":

@@ -405,6 +405,9 @@ def _cross_checks(cfg: TrainConfig, problems: list[str]) -> None:
         value = getattr(cfg, name)
         if _ok(value) and value is not None and value <= 0:
             problems.append(f"{name}: must be positive (or null), got {value}")
+    if _ok(cfg.peak_flops) and cfg.peak_flops is not None and not cfg.peak_flops > 0:
+        problems.append(f"peak_flops: must be positive (FLOP/s of one device, e.g. 989.4e12) or null, "
+                        f"got {cfg.peak_flops}")
     if _ok(cfg.ema) and cfg.ema is not None and not 0.0 < cfg.ema < 1.0:
         problems.append(f"ema: must be between 0 and 1 (e.g. 0.999) or null, got {cfg.ema}")
     if _ok(cfg.batch_size, cfg.grad_accum) and cfg.batch_size > 0 and cfg.grad_accum > 0:

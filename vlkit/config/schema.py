@@ -103,3 +103,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
     tensorboard: bool = True
+    # peak FLOP/s of one device for train/mfu, e.g. 989.4e12; overrides the table of GPUs in vlkit.utils.flops
+    # (None: that table; a CPU or an unlisted GPU then logs no MFU)
+    peak_flops: Optional[float] = None

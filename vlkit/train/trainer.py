@@ -25,9 +25,11 @@ from vlkit.tasks.retrieval import unwrap
 from vlkit.train import distributed as D
 from vlkit.train.checkpoint import (load_checkpoint, resolve_checkpoint, rng_states, save_checkpoint,
                                     set_rng_states)
+from vlkit.train.mfu import measure_step_flops, step_mfu
 from vlkit.train.model_setup import build_model_and_tokenizer
 from vlkit.train.optim import build_optimizer, build_scheduler
 from vlkit.train.runlog import RunLog, environment
+from vlkit.utils.flops import peak_flops
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +131,9 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model, self.tokenizer = build_model_and_tokenizer(cfg, self.dist)
         self.model.to(self.dist.device)
+        # FLOPs of a step per sample, counted once on the bare model (before checkpointing and wrappers)
+        self.flops_per_sample = measure_step_flops(self.model, cfg, self.dist.device)
+        self.peak_flops = peak_flops(self.dist.device, cfg.peak_flops)
         self.tasks = [build_task(t.name, t.dataset, t, cfg.datasets[t.dataset], self.tokenizer,
                                  unwrap(self.model).preprocess, self.dist, seed=cfg.seed, augment=cfg.augment,
                                  **({"model": self.model} if t.name == "classification" else {}))
@@ -347,11 +352,13 @@ class Trainer:
                 seen += cfg.batch_size
                 logs["train/samples_per_s"] = seen / max(1e-9, time.perf_counter() - started)
                 logs["train/epoch"] = self.epoch + self.step_in_epoch / self.steps_per_epoch
+                self._add_flops_logs(logs)
                 if self.log is not None and (self.global_step % cfg.log_every == 0 or self.global_step == 1):
                     self.log.log(self.global_step, logs)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}",
-                                sps=f"{logs['train/samples_per_s']:.1f}")
+                                sps=f"{logs['train/samples_per_s']:.1f}",
+                                **({"mfu": f"{logs['train/mfu']:.1%}"} if "train/mfu" in logs else {}))
                 is_best = False
                 if cfg.eval_every and self.global_step % cfg.eval_every == 0:
                     is_best = self._after_eval(self.evaluate())
@@ -370,6 +377,18 @@ class Trainer:
             self._after_eval(self.evaluate())
         self.finish()
         return self.last_eval
+
+    def _add_flops_logs(self, logs: dict[str, float]) -> None:
+        """``train/flops_per_sample`` at step 1 and ``train/mfu`` when the FLOPs and a peak are known."""
+        if self.flops_per_sample is None:
+            return
+        if self.global_step == 1:
+            logs["train/flops_per_sample"] = self.flops_per_sample
+        tasks_per_step = len(self.tasks) if self.task_sampler is None else 1
+        value = step_mfu(self.flops_per_sample, logs["train/samples_per_s"], self.peak_flops,
+                         self.dist.world_size, tasks_per_step)
+        if value is not None:
+            logs["train/mfu"] = value
 
     def _log_prefix(self, task: nn.Module) -> str:
         """``train/<dataset>/``, or ``train/<dataset>/<task>/`` when several tasks train on that dataset."""
