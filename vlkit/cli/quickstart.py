@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", help="your own sources, in any format 'vlkit ingest' reads")
     p.add_argument("--images-root", help="folder the image paths in --data are relative to")
     p.add_argument("--out", default="runs/quickstart", help="working folder (default runs/quickstart)")
-    p.add_argument("--query", default="a train at a station", help="the example text query")
+    p.add_argument("--query", default="a laptop on a desk", help="the example text query")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart recipe, e.g. epochs=5")
     p.set_defaults(func=run)
 
