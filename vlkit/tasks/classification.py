@@ -21,7 +21,8 @@ from vlkit.errors import VlkitError
 from vlkit.metrics.classification import classification_metrics
 from vlkit.tasks import register_task
 from vlkit.tasks.labels import dataset_classes, require_labels
-from vlkit.tasks.retrieval import shuffled_loader, unwrap
+from vlkit.tasks.base import Task
+from vlkit.tasks.retrieval import unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 
@@ -34,24 +35,20 @@ def fused_width(model: nn.Module) -> int:
 
 
 @register_task("classification")
-class ClassificationTask(nn.Module):
+class ClassificationTask(Task):
     """Classification of (image, text) pairs on one labelled dataset; see the module docstring.
 
-    Args: as :class:`vlkit.tasks.retrieval.RetrievalTask`, plus the model (for the width of its fused feature).
+    Args: as :class:`vlkit.tasks.base.Task`, plus the model (for the width of its fused feature).
     """
 
     def __init__(self, key: str, cfg: TaskConfig, data: DatasetConfig, tokenizer, preprocess, dist: DistInfo,
                  seed: int = 0, augment: bool = True, model: nn.Module | None = None):
-        super().__init__()
-        self.key, self.cfg, self.data, self.dist = key, cfg, data, dist
-        self.tokenizer, self.preprocess, self.seed, self.augment = tokenizer, preprocess, seed, augment
+        super().__init__(key, cfg, data, tokenizer, preprocess, dist, seed, augment)
         require_labels(data.path, data.train_split, "task classification")
         self.class_names = dataset_classes(data.path)
         if model is None:
             raise VlkitError("task classification is built with the model (for its fused feature width)")
         self.head = nn.Linear(fused_width(model), len(self.class_names))
-        self.train_set: LanceImageTextDataset | None = None
-        self.sampler: DistributedEpochSampler | None = None
 
     def _dataset(self, split: str, train: bool) -> LanceImageTextDataset:
         captions = "none" if self.cfg.prompt else ("random" if train else "first")
@@ -59,15 +56,7 @@ class ClassificationTask(nn.Module):
                                      None, captions=captions, seed=self.seed)
 
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
-        self.train_set = self._dataset(self.data.train_split, train=True)
-        self.sampler, loader = shuffled_loader(self.train_set, self.key, per_rank_batch, self.dist, self.seed,
-                                               self.data.num_workers)
-        return loader
-
-    def set_epoch(self, epoch: int, position: int = 0) -> None:
-        self.train_set.set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_position(position)
+        return self.shuffled_loader(self._dataset(self.data.train_split, train=True), per_rank_batch)
 
     def _logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         n = batch["image"].shape[0]

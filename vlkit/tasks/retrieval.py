@@ -22,6 +22,7 @@ from vlkit.metrics.retrieval import retrieval_metrics
 from vlkit.modules.losses.distributed import distributed_contrastive_loss, gather_with_grad
 from vlkit.modules.losses.siglip import SiglipLoss
 from vlkit.tasks import register_task
+from vlkit.tasks.base import Task
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 
@@ -32,62 +33,28 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def shuffled_loader(ds: LanceImageTextDataset, key: str, per_rank_batch: int, dist: DistInfo, seed: int,
-                    num_workers: int = 0) -> tuple[DistributedEpochSampler, torch.utils.data.DataLoader]:
-    """A task's training sampler and loader: a new shuffle every epoch, equal full batches on every rank.
-
-    Raises:
-        VlkitError: the dataset holds fewer rows than one global batch.
-    """
-    if len(ds) < per_rank_batch * dist.world_size:
-        raise VlkitError(f"dataset {key}: {len(ds)} training images are fewer than one batch of "
-                         f"{per_rank_batch * dist.world_size}; lower batch_size")
-    sampler = DistributedEpochSampler(len(ds), dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=True)
-    return sampler, make_loader(ds, per_rank_batch, sampler, num_workers=num_workers, drop_last=True,
-                                pin_memory=dist.device.type == "cuda")
-
-
 def _slice_batch(batch: dict[str, Any], start: int, end: int) -> dict[str, Any]:
     return {k: v[start:end] for k, v in batch.items()}
 
 
 @register_task("retrieval")
-class RetrievalTask(nn.Module):
+class RetrievalTask(Task):
     """Contrastive image-text training on one dataset, evaluated by retrieval recall@1/5/10.
 
-    Args:
-        key: the dataset's name in the config (used in metric names ``val/<key>/...``).
-        cfg: the task's config.
-        data: the dataset's config.
-        tokenizer: the model's tokenizer.
-        preprocess: the model's :class:`~vlkit.models.preprocess.Preprocess`.
-        dist: process-group information.
-        seed: seed of the data order and augmentations.
-        augment: random crops and flips for training images.
+    Args: as :class:`vlkit.tasks.base.Task`.
     """
 
     def __init__(self, key: str, cfg: TaskConfig, data: DatasetConfig, tokenizer, preprocess, dist: DistInfo,
                  seed: int = 0, augment: bool = True):
-        super().__init__()
-        self.key, self.cfg, self.data, self.dist = key, cfg, data, dist
-        self.tokenizer, self.preprocess, self.seed, self.augment = tokenizer, preprocess, seed, augment
+        super().__init__(key, cfg, data, tokenizer, preprocess, dist, seed, augment)
         self.siglip = SiglipLoss() if cfg.loss == "siglip" else None
-        self.train_set: LanceImageTextDataset | None = None
-        self.sampler: DistributedEpochSampler | None = None
 
     # ------------------------------------------------------------------ data
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
         transform = self.preprocess.image_transform(train=self.augment)
-        self.train_set = LanceImageTextDataset(self.data.path, self.data.train_split, transform, self.tokenizer,
-                                               captions="random", seed=self.seed)
-        self.sampler, loader = shuffled_loader(self.train_set, self.key, per_rank_batch, self.dist, self.seed,
-                                               self.data.num_workers)
-        return loader
-
-    def set_epoch(self, epoch: int, position: int = 0) -> None:
-        self.train_set.set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_position(position)
+        ds = LanceImageTextDataset(self.data.path, self.data.train_split, transform, self.tokenizer,
+                                   captions="random", seed=self.seed)
+        return self.shuffled_loader(ds, per_rank_batch)
 
     # ------------------------------------------------------------------ loss
     def loss_from_embeddings(self, model: nn.Module, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:

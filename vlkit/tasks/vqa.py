@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlkit.config.schema import DatasetConfig, TaskConfig
 from vlkit.data.answers import AnswerVocab
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.errors import VlkitError
 from vlkit.metrics.vqa import vqa_metrics
 from vlkit.tasks import register_task
-from vlkit.tasks.retrieval import _no_sync, shuffled_loader, unwrap
+from vlkit.tasks.base import Task
+from vlkit.tasks.retrieval import _no_sync, unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 QA_COLUMNS = ["questions", "answers"]
@@ -59,20 +59,11 @@ def expand_questions(batch: dict[str, Any], pick: random.Random | None = None) -
 
 
 @register_task("vqa")
-class VQATask(nn.Module):
+class VQATask(Task):
     """VQA as soft answer classification on one dataset (rows with ``questions`` and ``answers``).
 
-    Args: as :class:`vlkit.tasks.retrieval.RetrievalTask`.
+    Args: as :class:`vlkit.tasks.base.Task`.
     """
-
-    def __init__(self, key: str, cfg: TaskConfig, data: DatasetConfig, tokenizer, preprocess, dist: DistInfo,
-                 seed: int = 0, augment: bool = True):
-        super().__init__()
-        self.key, self.cfg, self.data, self.dist = key, cfg, data, dist
-        self.tokenizer, self.preprocess, self.seed, self.augment = tokenizer, preprocess, seed, augment
-        self.train_set: LanceImageTextDataset | None = None
-        self.sampler: DistributedEpochSampler | None = None
-        self.epoch = 0
 
     # ------------------------------------------------------------------ data
     def dataset(self, split: str, train: bool) -> LanceImageTextDataset:
@@ -81,19 +72,10 @@ class VQATask(nn.Module):
                                      columns=QA_COLUMNS, require=["questions"])
 
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
-        self.train_set = self.dataset(self.data.train_split, train=True)
-        self.sampler, loader = shuffled_loader(self.train_set, self.key, per_rank_batch, self.dist, self.seed,
-                                               self.data.num_workers)
-        return loader
-
-    def set_epoch(self, epoch: int, position: int = 0) -> None:
-        self.epoch = epoch
-        self.train_set.set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_position(position)
+        return self.shuffled_loader(self.dataset(self.data.train_split, train=True), per_rank_batch)
 
     def _pick(self, index: int, count: int) -> int:
-        return random.Random(f"{self.seed}:vqa:{self.epoch}:{index}").randrange(count)
+        return random.Random(f"{self.seed}:vqa:{self.train_set.epoch}:{index}").randrange(count)
 
     def _inputs(self, batch: dict[str, Any], owner: list[int], questions: list[str]):
         device = self.dist.device
