@@ -65,6 +65,13 @@ class VQATask(Task):
     Args: as :class:`vlkit.tasks.base.Task`.
     """
 
+    _vocab: AnswerVocab | None = None  # the model's answers, read once (they are fixed when the model is built)
+
+    def vocab(self, model: nn.Module) -> AnswerVocab:
+        if self._vocab is None:
+            self._vocab = model_answers(model)
+        return self._vocab
+
     # ------------------------------------------------------------------ data
     def dataset(self, split: str, train: bool) -> LanceImageTextDataset:
         transform = self.preprocess.image_transform(train=train and self.augment)
@@ -87,7 +94,7 @@ class VQATask(Task):
     # ------------------------------------------------------------------ loss
     def forward_backward(self, model: nn.Module, batch: dict[str, Any], micro_batches: int, autocast,
                          loss_scale: float = 1.0, scaler=None) -> dict[str, float]:
-        vocab = model_answers(model)
+        vocab = self.vocab(model)
         owner, questions, answers = expand_questions(batch, self._pick)
         targets = torch.stack([vocab.targets(a) for a in answers]).to(self.dist.device)  # [batch, answers]
         size = -(-len(owner) // micro_batches)  # micro-batches of questions; the loss is a mean, so weight them
@@ -114,8 +121,7 @@ class VQATask(Task):
             return {}
         result = answer_split(model, self.tokenizer, self.dataset(self.data.val_split, train=False), self.dist,
                               autocast, batch_size)
-        vocab = model_answers(model)
-        majority = vocab.majority()
+        majority = self.vocab(model).majority()
         metrics = vqa_metrics([p for p, _ in result], [a for _, a in result])
         baseline = vqa_metrics([majority] * len(result), [a for _, a in result])
         return {f"val/{self.key}/vqa_acc": float(metrics.accuracy),
