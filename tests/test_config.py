@@ -230,7 +230,7 @@ def test_choices_registry(good, monkeypatch):
 def test_recipes(tmp_path):
     names = list_recipes()
     assert "synth_clip_tiny" in names
-    assert recipe_path("synth_clip_tiny") == ROOT / "configs" / "synth_clip_tiny.yaml"
+    assert recipe_path("synth_clip_tiny") == ROOT / "vlkit" / "configs" / "synth_clip_tiny.yaml"
     assert recipe_path("synth_clip_tiny.yaml") == recipe_path("synth_clip_tiny")
     assert "clip-tiny" in recipe_text("synth_clip_tiny")
     with pytest.raises(VlkitError, match="available: .*synth_clip_tiny"):
@@ -242,7 +242,7 @@ def test_recipes(tmp_path):
 
 
 def test_every_shipped_config_validates(tmp_path):
-    configs = ROOT / "configs"
+    configs = ROOT / "vlkit" / "configs"
     assert configs.is_dir()
     for path in sorted(configs.glob("*.yaml")):
         first = path.read_text().splitlines()[0]
@@ -269,7 +269,7 @@ def test_cli_list_show_cp(tmp_path):
     proc = run_cli("configs", "list")
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("synth_clip_tiny "))
-    assert "vlkit train configs/synth_clip_tiny.yaml" in line
+    assert "vlkit train synth_clip_tiny" in line
     proc = run_cli("configs", "show", "synth_clip_tiny")
     assert proc.returncode == 0 and proc.stdout == recipe_text("synth_clip_tiny")
     dest = tmp_path / "mine.yaml"

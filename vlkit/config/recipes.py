@@ -1,8 +1,7 @@
-"""Shipped config recipes: the YAML files in the repository's ``configs/`` directory.
+"""Shipped config recipes: the YAML files in the package's ``vlkit/configs/`` directory.
 
-Recipes are looked up in ``<repo>/configs`` (beside the ``vlkit`` package in a checkout or an
-editable install) and in ``vlkit/configs`` (where an installed wheel may carry them); when a
-name is in both, the first directory wins.
+The recipes are package data, so a checkout, an editable install and an installed wheel all find
+the same files in the same place.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ SUFFIX = ".yaml"
 
 def recipe_dirs() -> list[Path]:
     """The directories searched for recipes, in order, whether or not they exist."""
-    package = Path(vlkit.__file__).resolve().parent
-    return [package.parent / "configs", package / "configs"]
+    return [Path(vlkit.__file__).resolve().parent / "configs"]
 
 
 def _recipes() -> dict[str, Path]:
@@ -93,7 +91,7 @@ def find_config(name_or_path: str | Path) -> Path:
     An existing file wins over a recipe of the same name.
 
     Args:
-        name_or_path: ``"configs/x.yaml"``, ``"my.yaml"`` or ``"synth_clip_tiny"``.
+        name_or_path: ``"my/x.yaml"``, ``"my.yaml"`` or ``"synth_clip_tiny"``.
 
     Returns:
         The path of the YAML file.
