@@ -7,7 +7,10 @@ carry different keys, so dense training series and sparse validation series live
 The figure has one panel per metric group (the key up to its last ``/``; a key without ``/`` is its own
 group) and one line per metric, against the step. Metrics of one group whose typical magnitudes differ
 several-fold (a loss near 3 and a learning rate near 1e-4, recalls near 50 and their sum near 300) get
-panels of their own, so that no line is squashed flat against the axis. Noisy dense series (the training loss) are drawn faintly with
+panels of their own, so that no line is squashed flat against the axis; the learning rates of a group
+(``lr``, ``lr_image``, ``lr_text``, ``lr_head``: one per parameter group) always share one panel, on a log axis
+when their sizes are apart, and ``lr`` (the heads' rate, kept for older runs) is left out where
+``lr_head`` is drawn. Noisy dense series (the training loss) are drawn faintly with
 a smoothed (exponential moving average) line on top; sparse series (validation) get markers; a loss (or
 a retrieval rank) that spans more than a decade gets a log-scale axis. The legend shows each metric's latest value.
 """
@@ -150,8 +153,23 @@ def _magnitude(s: Series) -> float | None:
     return math.log10(typical) if typical > 0 else None
 
 
+def _is_rate(s: Series) -> bool:
+    """A learning rate: ``lr`` or the rate of one parameter group, ``lr_<group>``."""
+    return s.name == "lr" or s.name.startswith("lr_")
+
+
+def _drop_duplicate_rates(series: dict[str, Series]) -> dict[str, Series]:
+    """Without ``<group>/lr`` where ``<group>/lr_head`` is there: both are the heads' rate."""
+    return {k: s for k, s in series.items()
+            if not (s.name == "lr" and f"{s.group}/lr_head" in series)}
+
+
 def _panels(series: dict[str, Series]) -> list[_Panel]:
-    """One panel per group, split where magnitudes within a group are too far apart to share an axis."""
+    """One panel per group, split where magnitudes within a group are too far apart to share an axis.
+
+    The learning rates of a group share one panel whatever their magnitudes.
+    """
+    series = _drop_duplicate_rates(series)
     groups: dict[str, list[Series]] = {}
     # Grouped metrics first, in order of appearance; bare top-level keys (epoch, time ...) last.
     for s in sorted(series.values(), key=lambda s: "/" not in s.key):
@@ -160,11 +178,12 @@ def _panels(series: dict[str, Series]) -> list[_Panel]:
     limit = math.log10(_SHARE_PANEL_RATIO)
     for group, members in groups.items():
         ordered = sorted(members, key=lambda s: (_magnitude(s) is not None, _magnitude(s) or 0.0))
-        clusters: list[list[Series]] = []
+        rates = [s for s in ordered if _is_rate(s)]
+        clusters: list[list[Series]] = [rates] if rates else []
         floor = None
-        for s in ordered:
+        for s in (s for s in ordered if not _is_rate(s)):
             mag = _magnitude(s)
-            if clusters and (mag is None or floor is None or mag - floor <= limit):
+            if clusters and clusters[-1] is not rates and (mag is None or floor is None or mag - floor <= limit):
                 clusters[-1].append(s)
                 floor = mag if floor is None else floor
             else:
@@ -176,7 +195,8 @@ def _panels(series: dict[str, Series]) -> list[_Panel]:
             cluster.sort(key=lambda s: position[s.key])
             title = group
             if len(clusters) > 1:
-                label = cluster[0].name if len(cluster) == 1 else _common_affix([s.name for s in cluster])
+                label = ("lr" if cluster is rates else cluster[0].name if len(cluster) == 1
+                         else _common_affix([s.name for s in cluster]))
                 title = f"{group} · {label}" if label else group
             panels.append(_Panel(title, cluster))
     return panels
@@ -259,7 +279,12 @@ def _draw_panel(ax, panel: _Panel, densest: int, colors: Sequence) -> None:
             ax.plot(s.steps, s.values, color=color, linewidth=1.5, zorder=2,
                     label=f"{s.name}  {_format_value(s.values[-1])}")
     values = np.concatenate([s.values for s in panel.series])
-    if all(_wants_log_scale(s) for s in panel.series) and values.min() > 0 and values.max() / values.min() > 10:
+    # rates of several groups (1e-5 beside 1e-3) would squash the smaller ones flat on a linear axis
+    mags = [m for m in map(_magnitude, panel.series) if m is not None]
+    rates_apart = (all(_is_rate(s) for s in panel.series) and len(mags) > 1
+                   and max(mags) - min(mags) > math.log10(_SHARE_PANEL_RATIO))
+    if ((rates_apart or all(_wants_log_scale(s) for s in panel.series))
+            and values.min() > 0 and values.max() / values.min() > 10):
         ax.set_yscale("log")
         decades = math.log10(values.max() / values.min())
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,)))

@@ -27,7 +27,7 @@ from vlkit.train.checkpoint import (load_checkpoint, resolve_checkpoint, rng_sta
                                     set_rng_states)
 from vlkit.train.mfu import measure_step_flops, step_mfu
 from vlkit.train.model_setup import build_model_and_tokenizer
-from vlkit.train.optim import build_optimizer, build_scheduler
+from vlkit.train.optim import build_optimizer, build_scheduler, group_lrs
 from vlkit.train.runlog import RunLog, environment
 from vlkit.utils.flops import peak_flops
 
@@ -168,8 +168,7 @@ class Trainer:
         self.model = wrap_distributed(self.model, cfg, self.dist)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        params = nn.ModuleDict({"model": unwrap(self.model), "tasks": nn.ModuleList(self.tasks)})
-        self.optimizer = build_optimizer(params, cfg.optim)
+        self.optimizer = build_optimizer(unwrap(self.model), cfg.optim, heads=self.tasks)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.ema = None
@@ -281,6 +280,8 @@ class Trainer:
         if self.cfg.optim.grad_clip:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             logs["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        rates = group_lrs(self.optimizer)  # the rates this step applies, one per tower group
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -294,7 +295,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(inner)
         logs["train/loss"] = total
-        logs["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        for group, lr in rates.items():
+            logs[f"train/lr_{group}"] = lr
+        # train/lr: the heads' rate (a model without head parameters: lr_head under the same schedule)
+        logs["train/lr"] = rates.get("head", self.cfg.optim.lr_head * factor)
         return logs
 
     def _average_replicated_grads(self) -> None:

@@ -1,0 +1,103 @@
+"""Training must not be silently wrong: every configured rate is applied and logged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlkit.config.load import load_config
+from vlkit.tasks.retrieval import unwrap
+from vlkit.train.trainer import Trainer
+
+RATES = {"image": 1e-4, "text": 3e-4, "head": 2e-3}
+# weight decay 0 and no warmup: AdamW's first step moves each weight by lr * g / (|g| + eps), ~lr where |g| >> eps
+EXACT_STEP = ["progress=false", "tensorboard=false", "log_every=1", "batch_size=8", "max_steps=1",
+              "optim.warmup_steps=0", "optim.weight_decay=0", "optim.eps=1e-12", "optim.grad_clip=null",
+              *(f"optim.lr_{group}={lr}" for group, lr in RATES.items())]
+
+
+def _trainer(synth, tmp_path, model: str, task: str) -> Trainer:
+    cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", f"tasks=[{task}]",
+                             f"output_dir={tmp_path / 'run'}", f"model.name={model}", *EXACT_STEP])
+    return Trainer(cfg)
+
+
+def _check_rates_applied(trainer: Trainer, logs: dict[str, float], before: dict[int, torch.Tensor]) -> None:
+    """Each group holds its configured rate and each parameter moved by its own rate on the first step."""
+    seen_groups = set()
+    for group in trainer.optimizer.param_groups:
+        lr = RATES[group["group"]]
+        assert group["initial_lr"] == pytest.approx(lr)
+        seen_groups.add(group["group"])
+        for name, p in zip(group["names"], group["params"]):
+            if p.grad is None or not p.grad.abs().max() > 0:
+                continue  # a parameter this batch gave no gradient does not move
+            moved = (p.detach() - before[id(p)]).abs().max().item()
+            # the weight with the largest |gradient| moves by lr (AdamW, step 1); the clamp of the logit scale aside
+            assert moved == pytest.approx(lr, rel=0.02), (name, group["group"], moved, lr)
+    assert seen_groups == set(RATES)
+    for group in seen_groups:
+        assert logs[f"train/lr_{group}"] == pytest.approx(RATES[group])
+    assert logs["train/lr"] == pytest.approx(RATES["head"])
+
+
+@pytest.mark.parametrize("model, task", [
+    ("clip-tiny", "{name: retrieval, dataset: synth}"),
+    # the classification task holds the model: its parameters must keep their tower's rate, its head lr_head
+    ("albef-tiny", "{name: classification, dataset: synth, prompt: 'which shape?'}"),
+])
+def test_each_tower_trains_at_its_own_rate(synth, tmp_path, model, task):
+    trainer = _trainer(synth, tmp_path, model, task)
+    inner = unwrap(trainer.model)
+    names = {name for g in trainer.optimizer.param_groups for name in g["names"]}
+    groups = {name: g["group"] for g in trainer.optimizer.param_groups for name in g["names"]}
+    for prefix, tower in [(prefixes[0], tower) for tower, prefixes in inner.LR_GROUPS.items()]:
+        assert any(groups[n] == tower for n in names if n.startswith(prefix)), prefix
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert len(params) == len({id(p) for p in params})  # a parameter the task shares with the model: once
+    trainable = {id(p) for m in (inner, *trainer.tasks) for p in m.parameters() if p.requires_grad}
+    assert {id(p) for p in params} == trainable
+    before = {id(p): p.detach().clone() for p in params}
+    batch = next(iter(trainer.loaders[0]))
+    logs = trainer.train_step([batch])
+    _check_rates_applied(trainer, logs, before)
+
+
+def test_every_group_rate_is_logged(synth, tmp_path):
+    trainer = _trainer(synth, tmp_path, "clip-tiny", "{name: retrieval, dataset: synth}")
+    trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step1 = next(r for r in rows if r["step"] == 1 and "train/loss" in r)
+    for group, lr in RATES.items():
+        assert step1[f"train/lr_{group}"] == pytest.approx(lr)
+    assert step1["train/lr"] == pytest.approx(RATES["head"])
+
+
+def test_a_group_without_trainable_parameters_is_not_logged(synth, tmp_path):
+    cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", "tasks=[{name: retrieval, dataset: synth}]",
+                             f"output_dir={tmp_path / 'run'}", "model.name=clip-tiny", "model.lock.tower=image",
+                             *EXACT_STEP])
+    trainer = Trainer(cfg)
+    logs = trainer.train_step([next(iter(trainer.loaders[0]))])
+    assert "train/lr_image" not in logs
+    assert logs["train/lr_text"] == pytest.approx(RATES["text"])
+
+
+def test_plot_draws_every_group_rate_in_one_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vlkit.train.plots import _panels, plot_run, read_metrics
+
+    lines = []
+    for step in range(1, 41):
+        scale = min(1.0, step / 10)
+        lines.append({"step": step, "train/loss": 3.0 / step, "train/lr": 2e-3 * scale,
+                      **{f"train/lr_{g}": lr * scale for g, lr in RATES.items()}})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    panels = _panels(read_metrics(tmp_path / "metrics.jsonl"))
+    rate_panels = [p for p in panels if any(s.key.startswith("train/lr") for s in p.series)]
+    assert len(rate_panels) == 1  # 1e-4 beside 2e-3: one panel, not split by magnitude
+    assert [s.key for s in rate_panels[0].series] == ["train/lr_image", "train/lr_text", "train/lr_head"]
+    assert rate_panels[0].title == "train · lr"
+    assert plot_run(tmp_path).exists()
