@@ -1,9 +1,76 @@
-"""The schema of a training config. Every YAML recipe in ``configs/`` is checked against it."""
+"""The schema of a training config. Every YAML recipe in ``configs/`` is checked against it.
+
+Every numeric key declares the values that make sense with :func:`ranged` (a :class:`Range` in the field's
+metadata); the validation in :mod:`vlkit.config.validate` checks them with the types, and reports every value
+out of its range at once. A list or tuple of numbers has the range checked on each item.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config key accepts: ``lo`` and ``hi`` bounds (None: unbounded), each inclusive
+    unless ``lo_open`` / ``hi_open``; non-finite values are never accepted.
+
+    Args:
+        lo: the lower bound.
+        hi: the upper bound.
+        lo_open: ``lo`` itself is excluded.
+        hi_open: ``hi`` itself is excluded.
+        note: shown in the error message, e.g. ``"e.g. 0.999"``.
+    """
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def contains(self, value: float) -> bool:
+        """True when ``value`` is finite and within the bounds."""
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def describe(self, name: str) -> str:
+        """How the range reads in an error message for key ``name``: ``positive``, ``between 0 and 1 (...)``."""
+        note = f" ({self.note})" if self.note else ""
+        if self.hi is None:
+            if (self.lo == 0 and self.lo_open) or (self.lo == 1 and not self.lo_open):
+                return f"positive{note}"
+            if self.lo == 0:
+                return f"non-negative{note}"
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}{note}"
+        low = f"{self.lo:g} {'<' if self.lo_open else '<='} " if self.lo is not None else ""
+        high = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        inside = f"{low}{name} {high}" + (f", {self.note}" if self.note else "")
+        if self.lo is None:
+            return f"at most {self.hi:g} ({inside})"
+        return f"between {self.lo:g} and {self.hi:g} ({inside})"
+
+
+def ranged(default: Any = None, *, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+           hi_open: bool = False, note: str = "") -> Any:
+    """A dataclass field whose numeric value (or each item of its list) must lie in a :class:`Range`.
+
+    Example:
+        >>> @dataclass
+        ... class C:
+        ...     ema: Optional[float] = ranged(None, lo=0, hi=1, lo_open=True, hi_open=True)
+    """
+    return field(default=default, metadata={"range": Range(lo, hi, lo_open, hi_open, note)})
+
+
+POSITIVE_INT = {"lo": 1}
+POSITIVE = {"lo": 0, "lo_open": True}
+NON_NEGATIVE = {"lo": 0}
 
 
 @dataclass
@@ -11,7 +78,7 @@ class LockConfig:
     """LiT: lock one tower of the model (see :func:`vlkit.models.lit.lock_tower`)."""
 
     tower: str = "image"  # image | text
-    unlocked_blocks: int = 0
+    unlocked_blocks: int = ranged(0, **NON_NEGATIVE)
     unlock_projection: bool = False
 
 
@@ -33,7 +100,7 @@ class DatasetConfig:
     path: str = "???"
     train_split: str = "train"
     val_split: Optional[str] = "val"
-    num_workers: int = 0
+    num_workers: int = ranged(0, **NON_NEGATIVE)
 
 
 @dataclass
@@ -43,7 +110,8 @@ class TaskConfig:
     name: str = "retrieval"  # retrieval
     dataset: str = "???"  # a key of `datasets`
     loss: str = "contrastive"  # contrastive | siglip | momentum
-    weight: float = 1.0
+    # > 0: a negative weight would ascend the loss; a task that should not train belongs out of `tasks`
+    weight: float = ranged(1.0, **POSITIVE)
     local_loss: bool = False  # distributed contrastive loss over local rows only
     prompt: Optional[str] = None  # classification: the text paired with every image (default: its first caption)
 
@@ -53,23 +121,25 @@ class SamplingConfig:
     """How the training steps are shared between the tasks of a multi-task config."""
 
     strategy: str = "all"  # all (every task every step, losses summed) | round_robin | proportional | fixed | temperature
-    weights: Optional[list[float]] = None  # fixed: one sampling weight per task
-    temperature: float = 2.0  # temperature: a task's probability grows as (dataset size) ** (1 / temperature)
+    weights: Optional[list[float]] = ranged(None, **NON_NEGATIVE)  # fixed: one weight per task, sum > 0
+    # temperature: a task's probability grows as (dataset size) ** (1 / temperature)
+    temperature: float = ranged(2.0, **POSITIVE)
 
 
 @dataclass
 class OptimConfig:
     """AdamW with parameter groups, warmup then cosine decay, gradient clipping."""
 
-    lr_image: float = 1e-4
-    lr_text: float = 1e-5
-    lr_head: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    grad_clip: Optional[float] = 1.0
+    # rates > 0: a tower that should not train is locked (model.lock), which also spares its gradients
+    lr_image: float = ranged(1e-4, **POSITIVE, note="e.g. 1e-4; model.lock freezes a tower")
+    lr_text: float = ranged(1e-5, **POSITIVE, note="e.g. 1e-5; model.lock freezes a tower")
+    lr_head: float = ranged(1e-3, **POSITIVE, note="e.g. 1e-3")
+    weight_decay: float = ranged(0.1, **NON_NEGATIVE)
+    betas: tuple[float, float] = ranged((0.9, 0.98), lo=0, hi=1, hi_open=True)
+    eps: float = ranged(1e-6, **POSITIVE)
+    warmup_steps: int = ranged(100, **NON_NEGATIVE)
+    min_lr_ratio: float = ranged(0.0, lo=0, hi=1)  # the final rate as a fraction of the peak
+    grad_clip: Optional[float] = ranged(1.0, **POSITIVE)  # null: no clipping
     fused: bool = False
 
 
@@ -83,20 +153,21 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output_dir: str = "runs/run"
-    seed: int = 0
-    epochs: int = 1
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
-    batch_size: int = 32  # global batch per optimizer step (over all ranks and micro-batches)
-    grad_accum: int = 1  # micro-batches per step; contrastive negatives are kept across them
+    seed: int = ranged(0, lo=0, hi=2**32 - 1)
+    epochs: int = ranged(1, **POSITIVE_INT)
+    max_steps: Optional[int] = ranged(None, **POSITIVE_INT)  # stop after this many optimizer steps (overrides epochs)
+    batch_size: int = ranged(32, **POSITIVE_INT)  # global batch per optimizer step (over all ranks and micro-batches)
+    grad_accum: int = ranged(1, **POSITIVE_INT)  # micro-batches per step; contrastive negatives are kept across them
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU with a gradient scaler)
     grad_checkpointing: bool = False
     compile: bool = False
-    ema: Optional[float] = None  # e.g. 0.999: keep EMA weights, evaluated and saved beside the model
+    # e.g. 0.999: keep EMA weights, evaluated and saved beside the model
+    ema: Optional[float] = ranged(None, lo=0, hi=1, lo_open=True, hi_open=True, note="e.g. 0.999")
     augment: bool = True  # random resized crops and flips for training images
-    log_every: int = 10
-    eval_every: Optional[int] = None  # steps between evaluations (None: at the end of every epoch)
-    save_every: Optional[int] = None  # steps between checkpoints (None: at the end of every epoch)
-    keep_last: int = 2
+    log_every: int = ranged(10, **POSITIVE_INT)
+    eval_every: Optional[int] = ranged(None, **POSITIVE_INT)  # steps between evaluations (None: every epoch's end)
+    save_every: Optional[int] = ranged(None, **POSITIVE_INT)  # steps between checkpoints (None: every epoch's end)
+    keep_last: int = ranged(2, **POSITIVE_INT)  # step checkpoints kept (the best one besides)
     best_metric: Optional[str] = None  # e.g. "val/data/t2i_r1"; the best checkpoint is kept
     resume: Optional[str] = None  # "latest" or a checkpoint directory
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
@@ -105,4 +176,4 @@ class TrainConfig:
     tensorboard: bool = True
     # peak FLOP/s of one device for train/mfu, e.g. 989.4e12; overrides the table of GPUs in vlkit.utils.flops
     # (None: that table; a CPU or an unlisted GPU then logs no MFU)
-    peak_flops: Optional[float] = None
+    peak_flops: Optional[float] = ranged(None, **POSITIVE, note="FLOP/s of one device, e.g. 989.4e12")
