@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise VlkitError(f"{path}: no such image file")
     data = path.read_bytes()
-    decode_image(data)  # one clear line for a file that is not an image
+    try:
+        decode_image(data)  # one clear line for a file that is not an image or is over the pixel limit
+    except VlkitError as exc:
+        raise VlkitError(f"{path}: {exc}") from None
     loaded = load_for_inference(args.run)
     vocab = model_answers(loaded.model)
     transform = loaded.model.preprocess.image_transform(train=False)

@@ -29,19 +29,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``vlkit search``."""
     from vlkit.errors import VlkitError
-    from vlkit.search.searcher import Searcher, check_k
+    from vlkit.search.searcher import Searcher, check_image, check_k
 
     if (args.query is None) == (args.image is None):
         raise VlkitError("give either a text query or --image PATH (not both)")
     if args.captions and args.image is None:
         raise VlkitError("--captions searches captions by image: it needs --image PATH")
     check_k(args.k)
-    searcher = Searcher(args.index, args.model)
+    data = None
     if args.image is not None:
         path = Path(args.image)
         if not path.is_file():
             raise VlkitError(f"{path}: no such image file")
         data = path.read_bytes()
+        try:
+            check_image(data)  # size and pixel limit from the header, before the model is loaded
+        except VlkitError as exc:
+            raise VlkitError(f"{path}: {exc}") from None
+    searcher = Searcher(args.index, args.model)
+    if data is not None:
         hits = searcher.image_to_text(data, args.k) if args.captions else searcher.search_image(data, args.k)
     else:
         hits = searcher.search_text(args.query, args.k)

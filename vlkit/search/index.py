@@ -27,6 +27,7 @@ import pyarrow as pa
 from PIL import Image
 
 from vlkit import __version__
+from vlkit.data.decode import ImageDecodeError, decode_rgb
 from vlkit.data.store import open_dataset, split_indices
 from vlkit.errors import VlkitError
 from vlkit.models.io import save_model
@@ -58,10 +59,15 @@ class IndexInfo:
 
 
 def thumbnail(data: bytes, size: int = THUMB_SIZE) -> bytes:
-    """A JPEG thumbnail whose longer side is ``size`` pixels."""
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (size, size))
-    img = img.convert("RGB")
+    """A JPEG thumbnail whose longer side is ``size`` pixels.
+
+    Raises:
+        VlkitError: the image is unreadable or over the pixel limit (:mod:`vlkit.data.decode`).
+    """
+    try:
+        img = decode_rgb(data, draft=size)
+    except ImageDecodeError as exc:
+        raise VlkitError(f"cannot make a thumbnail: {exc}") from None
     img.thumbnail((size, size), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)

@@ -1,19 +1,29 @@
 """Queries against an index: text->image, image->image and image->text.
 
 Scores are cosine similarities of L2-normalised embeddings (1 = identical direction).
+
+A :class:`Searcher` follows its index directory: when the index is rebuilt in place (``vlkit index`` replaces
+the directory by a rename), the next query re-opens it, so a long-running server answers from the new index
+instead of failing on the files of the old one. While the directory is missing (between the removal of the old
+index and the rename of the new one) or cannot be opened, queries raise :class:`IndexUnavailable`.
 """
 
 from __future__ import annotations
 
-import io
+import logging
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from vlkit.data.decode import ImageDecodeError, ImageTooLarge, decode_rgb, open_image
 from vlkit.errors import VlkitError
-from vlkit.search.index import CAPTIONS_TABLE, IMAGES_TABLE, read_index_info
+from vlkit.search.index import CAPTIONS_TABLE, IMAGES_TABLE, INDEX_META, IndexInfo, read_index_info
 from vlkit.search.loading import LoadedModel, load_for_inference
 
 MAX_K = 100
@@ -21,10 +31,22 @@ MAX_QUERY_CHARS = 1000
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 NPROBES = 32  # partitions visited by an approximate search
 REFINE = 10  # candidates re-scored exactly per result wanted
+REOPEN_RETRY_S = 2.0  # a rebuilt index that failed to open is tried again after this long
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueryError(VlkitError):
     """A bad query (empty text, k out of bounds, not an image, too large): the caller's mistake."""
+
+
+class QueryImageTooLarge(QueryError):
+    """The query image holds more pixels than the limit (:func:`vlkit.data.decode.max_pixels`)."""
+
+
+class IndexUnavailable(VlkitError):
+    """The index is being rebuilt or replaced and cannot answer now; the same query may work a moment later."""
 
 
 @dataclass
@@ -52,19 +74,49 @@ def check_k(k: int) -> int:
     return k
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """The uploaded bytes as an RGB image, or a :class:`QueryError` saying why not."""
+def check_image(data: bytes) -> tuple[int, int]:
+    """Check a query image from its size in bytes and its header alone (no pixel is decoded).
+
+    Returns:
+        The image's (width, height).
+
+    Raises:
+        QueryImageTooLarge: more pixels than the pixel limit.
+        QueryError: empty, too many bytes, or not an image.
+    """
     if not data:
         raise QueryError("the image is empty (0 bytes)")
     if len(data) > MAX_IMAGE_BYTES:
         raise QueryError(f"the image is too large ({len(data) / 2**20:.1f} MiB; at most "
                          f"{MAX_IMAGE_BYTES // 2**20} MiB)")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise QueryError(f"not a readable image ({type(exc).__name__})") from None
-    return img.convert("RGB")
+        img = open_image(data)
+    except ImageTooLarge as exc:
+        raise QueryImageTooLarge(f"the image is too large: {exc}") from None
+    except ImageDecodeError as exc:
+        raise QueryError(f"not a readable image: {exc}") from None
+    return img.size
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The uploaded bytes as an RGB image (bounded by the pixel limit), or a :class:`QueryError` saying why not."""
+    check_image(data)
+    try:
+        return decode_rgb(data)
+    except ImageDecodeError as exc:
+        raise QueryError(f"not a readable image: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """One version of the index, opened: what a query reads from start to end."""
+
+    stamp: tuple[int, ...]
+    info: IndexInfo
+    loaded: LoadedModel
+    images: Any  # lancedb tables
+    captions: Any
+    transform: Any
 
 
 class Searcher:
@@ -80,69 +132,176 @@ class Searcher:
     """
 
     def __init__(self, index_dir: str | Path, model: str | Path | None = None):
+        self.index_dir = Path(index_dir)
+        self.model = model
+        self._reopen_lock = threading.Lock()
+        self._failed: tuple[tuple[int, ...], str, float] | None = None
+        info = read_index_info(self.index_dir)
+        self._opened = self._open(info, self._stamp() or (), None)
+
+    # ----------------------------------------------------------------- the current version of the index
+    @property
+    def info(self) -> IndexInfo:
+        return self._opened.info
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self._opened.loaded
+
+    @property
+    def model_matches(self) -> bool:
+        """Whether queries are embedded by the model that built the index."""
+        return self._opened.loaded.tag == self._opened.info.model_tag
+
+    def _stamp(self) -> tuple[int, ...] | None:
+        """What identifies the version on disk: a rebuild makes a new directory and a new ``index.json``."""
+        try:
+            folder = os.stat(self.index_dir)
+            meta = os.stat(self.index_dir / INDEX_META)
+        except OSError:
+            return None
+        return folder.st_dev, folder.st_ino, meta.st_ino, meta.st_mtime_ns, meta.st_size
+
+    def _open(self, info: IndexInfo, stamp: tuple[int, ...], previous: _Opened | None) -> _Opened:
         import lancedb
 
-        self.index_dir = Path(index_dir)
-        self.info = read_index_info(self.index_dir)
-        self.loaded: LoadedModel = load_for_inference(model or self.index_dir / "model")
-        if self.loaded.embed_dim != self.info.dim:
-            raise VlkitError(f"{model or self.index_dir / 'model'} embeds into {self.loaded.embed_dim} dimensions "
-                             f"but the index at {self.index_dir} holds {self.info.dim}-dimensional embeddings; "
-                             "rebuild it with 'vlkit index' for this model")
-        self.model_matches = self.loaded.tag == self.info.model_tag
+        source = self.model or self.index_dir / "model"
+        if previous is not None and (self.model is not None or previous.loaded.tag == info.model_tag):
+            loaded = previous.loaded  # the same weights: no need to load them again
+        else:
+            loaded = load_for_inference(source)
+        if loaded.embed_dim != info.dim:
+            raise VlkitError(f"{source} embeds into {loaded.embed_dim} dimensions but the index at "
+                             f"{self.index_dir} holds {info.dim}-dimensional embeddings; rebuild it with "
+                             "'vlkit index' for this model")
         db = lancedb.connect(str(self.index_dir / "db"))
         try:
-            self.images = db.open_table(IMAGES_TABLE)
-            self.captions = db.open_table(CAPTIONS_TABLE)
-        except (ValueError, FileNotFoundError, OSError) as exc:
+            images, captions = db.open_table(IMAGES_TABLE), db.open_table(CAPTIONS_TABLE)
+        except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
             raise VlkitError(f"{self.index_dir}: damaged index ({exc})") from None
-        self.transform = self.loaded.model.preprocess.image_transform(train=False)
+        transform = loaded.model.preprocess.image_transform(train=False)
+        return _Opened(stamp, info, loaded, images, captions, transform)
+
+    def refresh(self) -> bool:
+        """Re-open the index if it was rebuilt since it was opened.
+
+        Returns:
+            True when a new version was opened, False when the one in use is current.
+
+        Raises:
+            IndexUnavailable: the index directory is missing (mid-rebuild) or its new version cannot be opened.
+        """
+        stamp = self._stamp()
+        if stamp == self._opened.stamp:
+            return False
+        with self._reopen_lock:
+            if stamp is None:
+                raise IndexUnavailable(f"the index at {self.index_dir} is missing or being rebuilt; "
+                                       "try again in a moment")
+            if stamp == self._opened.stamp:
+                return False  # another thread re-opened it meanwhile
+            failed = self._failed
+            if failed is not None and failed[0] == stamp and time.monotonic() - failed[2] < REOPEN_RETRY_S:
+                raise IndexUnavailable(failed[1])
+            try:
+                self._opened = self._open(read_index_info(self.index_dir), stamp, self._opened)
+            except VlkitError as exc:
+                message = f"the index at {self.index_dir} changed and cannot be opened now: {exc}"
+                self._failed = (stamp, message, time.monotonic())
+                raise IndexUnavailable(message) from None
+            self._failed = None
+        log.info("re-opened the rebuilt index at %s (%d images)", self.index_dir, self._opened.info.images)
+        return True
+
+    def _current(self) -> _Opened:
+        self.refresh()
+        return self._opened
+
+    def _read(self, opened: _Opened, fn: Callable[[], T]) -> T:
+        """Run a read of ``opened``'s tables; a failure because the index was replaced meanwhile is
+        :class:`IndexUnavailable`, not an internal error."""
+        try:
+            return fn()
+        except (OSError, RuntimeError, ValueError):
+            if self._stamp() != opened.stamp:
+                raise IndexUnavailable(f"the index at {self.index_dir} was replaced during the query; "
+                                       "try again") from None
+            raise
 
     # ----------------------------------------------------------------- embedding queries
-    @torch.no_grad()
     def embed_text(self, query: str) -> torch.Tensor:
+        """The embedding of a text query, by the model of the current index."""
+        return self._embed_text(self._current(), query)
+
+    def embed_image(self, data: bytes) -> torch.Tensor:
+        """The embedding of an image (encoded bytes), by the model of the current index."""
+        check_image(data)
+        return self._embed_image(self._current(), data)
+
+    @staticmethod
+    @torch.no_grad()
+    def _embed_text(opened: _Opened, query: str) -> torch.Tensor:
         if not isinstance(query, str) or not query.strip():
             raise QueryError("the query is empty")
         if len(query) > MAX_QUERY_CHARS:
             raise QueryError(f"the query is too long ({len(query)} characters; at most {MAX_QUERY_CHARS})")
-        tokens = self.loaded.tokenizer([query.strip()])
-        return self.loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"])[0].float()
+        tokens = opened.loaded.tokenizer([query.strip()])
+        return opened.loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"])[0].float()
 
+    @staticmethod
     @torch.no_grad()
-    def embed_image(self, data: bytes) -> torch.Tensor:
-        decode_image(data)  # a clear error for anything that is not an image
-        pixels = self.transform.normalize(self.transform(data)[None])  # [1, 3, S, S]
-        return self.loaded.model.encode_image(pixels)[0].float()
+    def _embed_image(opened: _Opened, data: bytes) -> torch.Tensor:
+        try:
+            pixels = opened.transform.normalize(opened.transform(data)[None])  # [1, 3, S, S]
+        except (VlkitError, ImageDecodeError) as exc:
+            raise QueryError(f"not a readable image: {exc}") from None
+        return opened.loaded.model.encode_image(pixels)[0].float()
 
     # ----------------------------------------------------------------- searching
-    def _query(self, table, vector: torch.Tensor, k: int, columns: list[str], method: str) -> list[dict]:
-        q = table.search(vector.numpy(), vector_column_name="vector").distance_type("cosine").limit(k)
-        if method != "exact":
-            q = q.nprobes(NPROBES).refine_factor(REFINE)
-        return q.select([*columns, "_distance"]).to_list()
+    def _query(self, opened: _Opened, table: str, vector: torch.Tensor, k: int, columns: list[str]) -> list[dict]:
+        def run() -> list[dict]:
+            q = getattr(opened, table).search(vector.numpy(), vector_column_name="vector")
+            q = q.distance_type("cosine").limit(k)
+            if opened.info.search[table] != "exact":
+                q = q.nprobes(NPROBES).refine_factor(REFINE)
+            return q.select([*columns, "_distance"]).to_list()
 
-    def search_vector(self, vector: torch.Tensor, k: int = 5) -> list[ImageHit]:
-        rows = self._query(self.images, vector, check_k(k), ["id", "caption", "captions"],
-                           self.info.search[IMAGES_TABLE])
+        return self._read(opened, run)
+
+    def _images(self, opened: _Opened, vector: torch.Tensor, k: int) -> list[ImageHit]:
+        rows = self._query(opened, IMAGES_TABLE, vector, check_k(k), ["id", "caption", "captions"])
         return [ImageHit(r["id"], 1.0 - float(r["_distance"]), r["caption"], list(r["captions"] or []))
                 for r in rows]
 
+    def search_vector(self, vector: torch.Tensor, k: int = 5) -> list[ImageHit]:
+        """Images nearest to an embedding."""
+        return self._images(self._current(), vector, k)
+
     def search_text(self, query: str, k: int = 5) -> list[ImageHit]:
         """Images for a text query."""
-        return self.search_vector(self.embed_text(query), k)
+        check_k(k)
+        opened = self._current()  # one version of the index embeds the query and answers it
+        return self._images(opened, self._embed_text(opened, query), k)
 
     def search_image(self, data: bytes, k: int = 5) -> list[ImageHit]:
         """Images similar to an image (encoded bytes)."""
-        return self.search_vector(self.embed_image(data), k)
+        check_k(k)
+        check_image(data)  # the pixel limit, from the header, before any decoding
+        opened = self._current()
+        return self._images(opened, self._embed_image(opened, data), k)
 
     def image_to_text(self, data: bytes, k: int = 5) -> list[TextHit]:
         """Captions that describe an image (encoded bytes)."""
-        rows = self._query(self.captions, self.embed_image(data), check_k(k), ["id", "text"],
-                           self.info.search[CAPTIONS_TABLE])
+        check_k(k)
+        check_image(data)
+        opened = self._current()
+        rows = self._query(opened, CAPTIONS_TABLE, self._embed_image(opened, data), k, ["id", "text"])
         return [TextHit(r["id"], r["text"], 1.0 - float(r["_distance"])) for r in rows]
 
     def thumbnail(self, image_id: str) -> bytes | None:
         """The stored JPEG thumbnail of an image, or None for an unknown id."""
+        opened = self._current()
         safe = image_id.replace("'", "''")
-        rows = self.images.search().where(f"id = '{safe}'").select(["thumbnail"]).limit(1).to_list()
+        rows = self._read(opened, lambda: opened.images.search().where(f"id = '{safe}'")
+                          .select(["thumbnail"]).limit(1).to_list())
         return rows[0]["thumbnail"] if rows else None
