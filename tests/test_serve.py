@@ -50,7 +50,7 @@ def searcher(index_dir):
 
 @pytest.fixture(scope="module")
 def client(searcher):
-    with TestClient(create_app(searcher)) as c:
+    with TestClient(create_app(searcher), base_url="http://127.0.0.1:8000") as c:  # a host the server answers for
         yield c
 
 
@@ -253,7 +253,8 @@ def test_oversized_upload_is_refused_before_the_body_is_read(searcher):
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/api/search/image", "raw_path": b"/api/search/image", "root_path": "",
              "query_string": b"", "server": ("test", 80), "client": ("test", 1),
-             "headers": [(b"content-type", b"image/jpeg"), (b"content-length", str(10**12).encode())]}
+             "headers": [(b"host", b"localhost:8000"), (b"content-type", b"image/jpeg"),
+                         (b"content-length", str(10**12).encode())]}
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413 and received == []
     assert b"too large" in sent[1]["body"]

@@ -8,6 +8,9 @@ import sys
 
 from vlkit.errors import VlkitError
 
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to send a request's headers
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds to send its body (a 20 MiB image over a slow link)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``serve`` subcommand to ``sub``."""
@@ -25,6 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="RUN",
                    help="embed queries with this run, model directory or checkpoint instead of the index's own "
                    "model (its embedding size must match the index)")
+    p.add_argument("--allowed-hosts", metavar="HOSTS", default="",
+                   help="comma-separated host names or addresses the server answers for besides the loopback "
+                   "names and --host (requests naming another host get 400); needed to reach a server started "
+                   "with --host 0.0.0.0 by name or address from other machines. '*' allows any host: UNSAFE, "
+                   "it lets any web page opened on a machine that can reach the server read its API")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                   help="close a connection whose request headers are not complete within this time "
+                   f"(default {DEFAULT_HEADER_TIMEOUT:g})")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                   help="close a connection whose request body is not complete within this time after its "
+                   f"headers (default {DEFAULT_BODY_TIMEOUT:g})")
+    p.add_argument("--max-pixels", type=int, dest="serve_max_pixels", metavar="N",
+                   help="refuse (413) query images of more than N pixels, read from their header before "
+                   "decoding (default: $VLKIT_MAX_PIXELS or 64000000)")
     p.set_defaults(func=run)
 
 
@@ -50,10 +67,40 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_config(app, protocol: type):
+    """The uvicorn configuration ``vlkit serve`` runs ``app`` with (h11 with request deadlines)."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=protocol, log_level="warning", access_log=False)
+
+
 def url_of(host: str, port: int) -> str:
     """The address to open in a browser."""
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+
+
+def _check_options(args: argparse.Namespace) -> tuple[list[str], type]:
+    """The allowed hosts and the HTTP protocol class, or a :class:`VlkitError` naming the bad option."""
+    from vlkit.data.decode import max_pixels, set_max_pixels
+    from vlkit.search.http_guard import allowed_hosts_for, bounded_protocol
+
+    for name, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not 0 < value < float("inf"):
+            raise VlkitError(f"{name} must be a positive number of seconds, not {value:g}")
+    try:
+        hosts = allowed_hosts_for(args.host, [h for h in args.allowed_hosts.split(",") if h.strip()])
+    except ValueError as exc:
+        raise VlkitError(f"--allowed-hosts: {exc}") from None
+    if args.serve_max_pixels is not None:
+        if args.serve_max_pixels < 1:
+            raise VlkitError(f"--max-pixels must be at least 1, not {args.serve_max_pixels}")
+        set_max_pixels(args.serve_max_pixels)
+    try:
+        max_pixels()
+    except ValueError as exc:  # a bad VLKIT_MAX_PIXELS
+        raise VlkitError(str(exc)) from None
+    return hosts, bounded_protocol(args.header_timeout, args.body_timeout)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,18 +117,25 @@ def run(args: argparse.Namespace) -> int:
                          "pip install fastapi uvicorn python-multipart") from None
     from vlkit.search.searcher import Searcher
 
+    hosts, protocol = _check_options(args)
     sock = bind(args.host, args.port)  # a busy port fails before the model is loaded
     try:
         searcher = Searcher(args.index, model=args.model)
     except BaseException:
         sock.close()
         raise
-    app = create_app(searcher)
+    app = create_app(searcher, allowed_hosts=hosts)
     port = sock.getsockname()[1]
     info = searcher.info
     print(f"serving {args.index} ({info.images} images, {info.captions} captions, {info.dim}-d) "
           f"at {url_of(args.host, port)}  (Ctrl+C to stop)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    if "*" in hosts:
+        print("vlkit: warning: --allowed-hosts '*' answers requests for any host name: any web page opened on a "
+              "machine that reaches this server can read its API", file=sys.stderr, flush=True)
+    elif args.host.strip() in ("", "0.0.0.0", "::"):
+        print(f"vlkit: note: answering for the hosts {', '.join(hosts)}; pass --allowed-hosts with this machine's "
+              "name or address to reach it from others", file=sys.stderr, flush=True)
+    server = uvicorn.Server(server_config(app, protocol))
     try:
         server.run(sockets=[sock])
     finally:

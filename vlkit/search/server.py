@@ -10,10 +10,13 @@ Routes::
                                    ``k`` and ``mode`` as query parameters (or multipart fields)
     GET  /api/thumbnail/{id}       the stored JPEG thumbnail of an image (ids may contain slashes)
 
-Every error is JSON ``{"error": "<message>"}`` with a 4xx status for the caller's mistakes (400 bad query,
-404 unknown id or route, 413 upload too large, 415 unsupported upload type) and 500 otherwise. Uploads are
-read as a stream and refused as soon as they pass the limit (at once when Content-Length already says so).
-Model inference runs in the threadpool, one query at a time (the model and tokenizer are shared).
+Every error is JSON ``{"error": "<message>"}`` with a 4xx status for the caller's mistakes (400 bad query or a
+``Host`` the server does not answer for, 404 unknown id or route, 413 upload too large in bytes or in pixels,
+415 unsupported upload type), 503 while the index is being rebuilt, and 500 otherwise. Uploads are read as a
+stream and refused as soon as they pass the limit (at once when Content-Length already says so); an image's
+pixel count is checked from its header before it is decoded and before the model lock is taken. Model inference
+runs in the threadpool, one query at a time (the model and tokenizer are shared). A rebuilt index is picked
+up by the next request (see :class:`~vlkit.search.searcher.Searcher`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable, TypeVar
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -34,10 +37,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from vlkit import __version__
 from vlkit.errors import VlkitError
-from vlkit.search.searcher import MAX_IMAGE_BYTES, MAX_K, QueryError, Searcher, check_k
+from vlkit.data.decode import max_pixels
+from vlkit.search.http_guard import LOOPBACK_HOSTS, AllowedHosts
+from vlkit.search.searcher import (MAX_IMAGE_BYTES, MAX_K, IndexUnavailable, QueryError, QueryImageTooLarge,
+                                   Searcher, check_image, check_k)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_K = 12
@@ -120,8 +127,6 @@ class _Service:
         self.max_upload = max_upload_bytes
         self.default_k = check_k(default_k)
         self.lock = threading.Lock()
-        info = searcher.info
-        self.etag_salt = f"{info.model_tag}-{info.built_at}"
 
     def locked(self, fn: Callable[..., T], *args) -> T:
         """Run ``fn(*args)`` holding the model lock (called in the threadpool)."""
@@ -129,7 +134,9 @@ class _Service:
             return fn(*args)
 
     def etag(self, image_id: str) -> str:
-        return '"' + hashlib.sha1(f"{self.etag_salt}/{image_id}".encode()).hexdigest()[:20] + '"'
+        info = self.searcher.info  # a rebuilt index gives its thumbnails new tags
+        salt = f"{info.model_tag}-{info.built_at}"
+        return '"' + hashlib.sha1(f"{salt}/{image_id}".encode()).hexdigest()[:20] + '"'
 
     async def read_upload(self, request: Request) -> tuple[bytes, dict[str, str]]:
         """The uploaded image's bytes and any form fields, refusing oversized bodies without reading them."""
@@ -168,13 +175,16 @@ class _Service:
 
 
 def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
-               default_k: int = DEFAULT_K) -> FastAPI:
+               default_k: int = DEFAULT_K, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> FastAPI:
     """The search web application over ``searcher``.
 
     Args:
         searcher: the index to search.
         max_upload_bytes: the largest image upload accepted (413 above it).
         default_k: results returned when a request gives no ``k``.
+        allowed_hosts: the hosts it answers for (``Host`` header, any port); others get 400. The default is
+            this machine's loopback names; ``["*"]`` allows any host, which lets any web page a browser on
+            this machine opens read the API (DNS rebinding).
 
     Returns:
         A FastAPI application; serve it with uvicorn (``vlkit serve`` does).
@@ -186,6 +196,7 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
     svc = _Service(searcher, max_upload_bytes, default_k)
     app = FastAPI(title="vlkit search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
+    app.add_middleware(AllowedHosts, hosts=allowed_hosts)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -197,11 +208,12 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
 
     @app.get("/api/info")
     def info() -> dict:
+        searcher.refresh()
         i = searcher.info
         return {"images": i.images, "captions": i.captions, "dim": i.dim, "dataset": Path(i.dataset).name,
                 "split": i.split, "model_tag": i.model_tag, "query_model_tag": searcher.loaded.tag,
                 "search": i.search, "built_at": i.built_at, "max_k": MAX_K, "default_k": svc.default_k,
-                "max_upload_bytes": svc.max_upload, "vlkit_version": __version__}
+                "max_upload_bytes": svc.max_upload, "max_pixels": max_pixels(), "vlkit_version": __version__}
 
     @app.get("/api/search")
     def search_text(q: str | None = None, k: str | None = None) -> dict:
@@ -226,6 +238,7 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
         data, fields = await svc.read_upload(request)
         n = parse_k(k_raw if k_raw is not None else fields.get("k"), svc.default_k)
         mode = parse_mode(mode_raw if mode_raw is not None else fields.get("mode"))
+        await run_in_threadpool(check_image, data)  # the pixel limit, from the header, outside the model lock
         start = time.perf_counter()
         if mode == "captions":
             hits = await run_in_threadpool(svc.locked, searcher.image_to_text, data, n)
@@ -240,6 +253,7 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
 
     @app.get("/api/thumbnail/{image_id:path}")
     def thumbnail(image_id: str, request: Request) -> Response:
+        searcher.refresh()
         etag = svc.etag(image_id)
         headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE}
         if etag in request.headers.get("if-none-match", ""):  # only ever sent for ids this index holds
@@ -262,6 +276,19 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueryError)
     async def query_error(request: Request, exc: QueryError) -> JSONResponse:
         return _error(400, str(exc))
+
+    @app.exception_handler(QueryImageTooLarge)
+    async def image_too_large(request: Request, exc: QueryImageTooLarge) -> JSONResponse:
+        return _error(413, str(exc))
+
+    @app.exception_handler(IndexUnavailable)
+    async def index_unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "2"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return _error(400, "the client closed the connection before the request was complete")
 
     @app.exception_handler(VlkitError)
     async def vlkit_error(request: Request, exc: VlkitError) -> JSONResponse:
