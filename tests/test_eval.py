@@ -229,12 +229,44 @@ def test_zeroshot_with_a_templates_file(trained_run, synth, loaded, tmp_path, ca
     assert main(["eval", str(trained_run[0]), "--task", "zeroshot", "--data", str(synth),
                  "--templates", str(one), "--limit", "12"]) == 0
     text = capsys.readouterr().out
-    assert "12 images, 18 classes, 1 templates" in text and "top-1 accuracy" in text
+    present = _classes_of_first_rows(synth, "test", 12)
+    assert 1 < len(present) < 18  # the first 12 images hold only some of the 18 classes
+    assert f"12 images, {len(present)} classes, 1 templates" in text and "top-1 accuracy" in text
+    assert f"classes present: {', '.join(present)} (scored against all 18 classes" in text
+    assert f"chance (1/{len(present)})" in text and f"{100 / len(present):7.2f} %" in text
     classifier = build_classifier(loaded, ["red circle", "orange square"], ["a drawing of a {}"])
     t = loaded.tokenizer(["a drawing of a red circle", "a drawing of an orange square"])
     with torch.no_grad():
         direct = loaded.model.encode_text(t["input_ids"], t["attention_mask"])
     assert torch.allclose(classifier, F.normalize(direct, dim=-1), atol=1e-5)
+
+
+def _classes_of_first_rows(dataset, split, n):
+    """The class names of the first ``n`` rows of ``split``, by label, read straight from the Lance table."""
+    import lance
+
+    rows = [r for r in lance.dataset(str(dataset)).to_table(columns=["split", "label", "class_name"]).to_pylist()
+            if r["split"] == split][:n]
+    return [name for _, name in sorted({(r["label"], r["class_name"]) for r in rows})]
+
+
+def test_zeroshot_limit_reports_the_classes_it_saw(trained_run, synth, tmp_path, capsys):
+    from vlkit.cli import main
+    from vlkit.data.synth import CLASSES
+
+    present = _classes_of_first_rows(synth, "train", 4)
+    assert len(present) < len(CLASSES)
+    report = tmp_path / "zs"
+    assert main(["eval", str(trained_run[0]), "--task", "zeroshot", "--data", str(synth), "--split", "train",
+                 "--limit", "4", "--json", "--report", str(report)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["classes"] == len(present) and out["classes_present"] == present
+    assert out["classes_scored"] == len(CLASSES)  # the classifier still scores every class
+    assert out["chance"] == pytest.approx(100 / len(present))
+    page = (report / "index.html").read_text()
+    assert f"<td>chance (1 / classes present)</td><td>{100 / len(present):.1f} %</td>" in page
+    assert f"{len(present)} of the {len(CLASSES)} scored" in page
+    assert f"Classes present in the evaluated images: {', '.join(present)}." in page
 
 
 def test_linear_probe_cli_beats_majority_and_matches_sklearn(trained_run, synth, loaded):

@@ -62,11 +62,14 @@ def _print_table(summary: dict, result) -> None:
             extra = f", probe fitted on {summary['train_images']} '{summary['train_split']}' images, C={summary['C']:g}"
         elif summary["task"] == "zeroshot":
             extra = f", {len(summary['templates'])} templates"
-        print(f"{summary['images']} images, {summary['classes']} classes{extra}\n")
+        print(f"{summary['images']} images, {summary['classes']} classes{extra}")
+        present = summary["classes_present"]
+        shown = ", ".join(present[:12]) + (" ..." if len(present) > 12 else "")
+        print(f"classes present: {shown} (scored against all {summary['classes_scored']} classes of the dataset)\n")
         k = min(5, m.num_classes)
         for name, value in (("top-1 accuracy", m.top1), (f"top-{k} accuracy", m.top5),
                             ("mean per-class recall", m.mean_per_class_recall),
-                            ("chance", 100.0 / m.num_classes)):
+                            (f"chance (1/{summary['classes']})", summary["chance"])):
             print(f"{name:24}{value:7.2f} %")
     print(f"\n({summary['seconds']:.1f} s)")
 

@@ -22,7 +22,7 @@ from vlkit.metrics.classification import ClassificationMetrics
 from vlkit.metrics.retrieval import RetrievalMetrics, retrieval_metrics
 from vlkit.search.embed import Embeddings, compute_embeddings
 from vlkit.search.loading import load_for_inference
-from vlkit.tasks.labels import require_labels
+from vlkit.tasks.labels import classes_present, require_labels
 
 TASKS = ("retrieval", "zeroshot", "linear-probe", "vqa")
 
@@ -38,7 +38,8 @@ class EvalResult:
         model: the directory the weights came from.
         model_tag: the fingerprint of the weights.
         metrics: scalar metrics named ``split/dataset/metric``.
-        details: counts and task settings (images, captions, classes, templates, C ...), JSON-ready.
+        details: counts and task settings (images, captions, classes present and scored, chance, templates,
+            C ...), JSON-ready.
         embeddings: the evaluated split's embeddings.
         retrieval: the retrieval metrics (retrieval only).
         classification: the classification metrics (zeroshot and linear-probe).
@@ -80,6 +81,18 @@ class EvalResult:
                 for name, v in zip(self.class_names, self.classification.per_class_recall.tolist())
             }
         return out
+
+
+def class_details(class_names: Sequence[str], labels: Tensor) -> dict[str, Any]:
+    """What a classification was about: the classes its images hold, and chance accuracy among them.
+
+    The classifier scores every class of the dataset (``classes_scored``), but the evaluated images (a split,
+    or its first ``--limit`` images) may hold fewer; ``classes`` and ``chance`` (percent, one over the classes
+    present) count only those.
+    """
+    present = classes_present(labels.tolist(), class_names)
+    return {"classes": len(present), "classes_present": present, "classes_scored": len(class_names),
+            "chance": 100.0 / len(present) if present else None}
 
 
 def dataset_name(path: str | Path) -> str:
@@ -179,7 +192,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         from vlkit.tasks.zeroshot import evaluate_zeroshot
 
         zs = evaluate_zeroshot(loaded, dataset, split, templates=templates, **common)
-        details = {"images": zs.metrics.num_samples, "classes": len(zs.class_names), "templates": zs.templates}
+        details = {"images": zs.metrics.num_samples, **class_details(zs.class_names, zs.labels),
+                   "templates": zs.templates}
         result = EvalResult(**base, metrics=zs.metrics.as_dict(prefix), details=details, embeddings=zs.embeddings,
                             classification=zs.metrics, class_names=zs.class_names, scores=zs.scores,
                             labels=zs.labels)
@@ -189,7 +203,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         from vlkit.tasks.linear_probe import evaluate_linear_probe
 
         lp = evaluate_linear_probe(loaded, dataset, split, train_split=train_split, **common)
-        details = {"images": lp.metrics.num_samples, "classes": len(lp.class_names), "train_split": train_split,
+        details = {"images": lp.metrics.num_samples, **class_details(lp.class_names, lp.labels),
+                   "train_split": train_split,
                    "train_images": lp.fit.num_train, "C": lp.fit.c,
                    "holdout_accuracy": {f"{c:g}": acc for c, acc in lp.fit.holdout_accuracy.items()}}
         result = EvalResult(**base, metrics=lp.metrics.as_dict(prefix), details=details, embeddings=lp.embeddings,

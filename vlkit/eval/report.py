@@ -138,12 +138,16 @@ def _classification_body(result: EvalResult, out: Path) -> str:
     m, names = result.classification, result.class_names
     title = "Zero-shot classification" if result.task == "zeroshot" else "Linear probe"
     k = min(5, m.num_classes)
+    d = result.details
+    present = d["classes_present"]
     parts = [f"<h2>{title}</h2>",
              _table(["metric", "value"], [["top-1 accuracy", f"{_fmt(m.top1)} %"],
                                           [f"top-{k} accuracy", f"{_fmt(m.top5)} %"],
                                           ["mean per-class recall", f"{_fmt(m.mean_per_class_recall)} %"],
-                                          ["chance (1 / classes)", f"{_fmt(100 / m.num_classes)} %"],
-                                          ["images", str(m.num_samples)], ["classes", str(m.num_classes)]])]
+                                          ["chance (1 / classes present)", f"{_fmt(d['chance'])} %"],
+                                          ["images", str(m.num_samples)],
+                                          ["classes present", f"{len(present)} of the {m.num_classes} scored"]]),
+             f"<p>Classes present in the evaluated images: {html.escape(', '.join(present))}.</p>"]
     if result.task == "linear-probe":
         d = result.details
         parts.append(f"<p>Logistic regression fitted on the {d['train_images']} image embeddings of split "
@@ -154,7 +158,9 @@ def _classification_body(result: EvalResult, out: Path) -> str:
                                 [[c, _fmt(acc)] for c, acc in d["holdout_accuracy"].items()]))
     confusion = m.confusion.numpy()
     recall = m.per_class_recall.numpy()
-    figures.per_class_bars(names, recall, confusion.sum(axis=1), m.top1, out / "per_class.png",
+    rows = np.flatnonzero(confusion.sum(axis=1))  # the bars and their chance line: the classes present
+    figures.per_class_bars([names[i] for i in rows], recall[rows], confusion.sum(axis=1)[rows], m.top1,
+                           out / "per_class.png",
                            f"{title}: recall per class ({result.split}, {m.num_samples} images)")
     parts.append(_figure("per_class.png", "Share of each class's images classified correctly, best first."))
     figures.confusion_figure(confusion, names, out / "confusion.png", f"{title}: confusion matrix")

@@ -1,4 +1,5 @@
-"""Class labels of a vlkit dataset: the class list and a check that a split is labelled.
+"""Class labels of a vlkit dataset: the class list, the classes some rows hold, and a check that a split is
+labelled.
 
 Datasets ingested from class folders (or JSONL with ``label``/``class_name``) keep their class list, by label
 index, in the schema metadata ``vlkit.classes``; older or hand-made datasets may only have the columns.
@@ -7,6 +8,7 @@ index, in the schema metadata ``vlkit.classes``; older or hand-made datasets may
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import pyarrow.compute as pc
 
@@ -55,3 +57,23 @@ def require_labels(dataset: str | Path, split: str, task: str) -> int:
         raise DataError(f"{dataset}: {missing} of {len(offsets)} images of split '{split}' have no class label; "
                         f"{task} needs every image labelled")
     return len(offsets)
+
+
+def classes_present(labels: Iterable[int], names: Sequence[str]) -> list[str]:
+    """The names of the classes that occur in ``labels``, in label order.
+
+    A classifier scores every class of the dataset, but a split (or its first ``--limit`` images) may hold only
+    some of them: those are the classes an evaluation is about, and chance accuracy is one over their number.
+
+    Args:
+        labels: the true labels of the evaluated images.
+        names: class names by label index.
+
+    Returns:
+        ``[names[label] for each distinct label]``, sorted by label.
+
+    Example:
+        >>> classes_present([2, 0, 2], ["cat", "dog", "bird"])
+        ['cat', 'bird']
+    """
+    return [names[label] for label in sorted({int(x) for x in labels})]
