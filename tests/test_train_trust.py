@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vlkit.config.load import load_config
+from vlkit.errors import VlkitError
 from vlkit.tasks.retrieval import unwrap
 from vlkit.train.trainer import Trainer
 
@@ -101,3 +102,76 @@ def test_plot_draws_every_group_rate_in_one_panel(tmp_path):
     assert [s.key for s in rate_panels[0].series] == ["train/lr_image", "train/lr_text", "train/lr_head"]
     assert rate_panels[0].title == "train · lr"
     assert plot_run(tmp_path).exists()
+
+
+def _nan_at(trainer: Trainer, call: int) -> None:
+    """Make the ``call``-th training batch of the first task all NaN (a corrupt or diverging step)."""
+    task, calls = trainer.tasks[0], []
+    original = task.forward_backward
+
+    def forward_backward(model, batch, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            batch = {**batch, "image": torch.full_like(batch["image"], float("nan"))}
+        return original(model, batch, *args, **kwargs)
+
+    task.forward_backward = forward_backward
+
+
+NAN_RUN = ["progress=false", "tensorboard=false", "log_every=1", "batch_size=8", "max_steps=3", "save_every=1",
+           "optim.warmup_steps=0", "model.name=clip-tiny"]
+
+
+def _nan_trainer(synth, tmp_path, *more: str) -> Trainer:
+    cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", "tasks=[{name: retrieval, dataset: synth}]",
+                             f"output_dir={tmp_path / 'run'}", *NAN_RUN, *more])
+    return Trainer(cfg)
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_update(synth, tmp_path):
+    trainer = _nan_trainer(synth, tmp_path)
+    _nan_at(trainer, 2)
+    inner = unwrap(trainer.model)
+    seen = {}
+    original_save = trainer.save
+
+    def save(best=False):  # the weights of the last good step, to compare with what the error leaves
+        original_save(best)
+        seen.update({k: v.clone() for k, v in inner.state_dict().items()})
+
+    trainer.save = save
+    with pytest.raises(VlkitError) as excinfo:
+        trainer.run()
+    message = str(excinfo.value)
+    good = tmp_path / "run" / "checkpoints" / "step-00000001"
+    assert message.startswith("step 2: the loss of task retrieval on dataset synth is nan")
+    assert f"last good checkpoint: {good}" in message and "nonfinite=skip" in message
+    for key, value in inner.state_dict().items():  # the NaN step was not applied
+        assert torch.equal(value, seen[key]), key
+    assert all(torch.isfinite(p).all() for p in inner.parameters())
+
+
+def test_a_non_finite_loss_at_the_first_step_has_no_checkpoint_yet(synth, tmp_path):
+    trainer = _nan_trainer(synth, tmp_path)
+    _nan_at(trainer, 1)
+    with pytest.raises(VlkitError, match=r"^step 1: .* \(last good checkpoint: none yet\)"):
+        trainer.run()
+
+
+def test_skip_drops_the_non_finite_step_and_counts_it(synth, tmp_path):
+    trainer = _nan_trainer(synth, tmp_path, "nonfinite=skip")
+    _nan_at(trainer, 2)
+    inner = unwrap(trainer.model)
+    trainer.run()
+    assert all(torch.isfinite(p).all() for p in inner.parameters())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r}
+    assert skipped == {1: 0, 2: 1, 3: 1}
+    assert trainer.global_step == 3 and trainer.optimizer.state_dict()["state"]  # the other steps trained
+    step = next(iter(trainer.optimizer.state_dict()["state"].values()))["step"]
+    assert float(step) == 2  # AdamW took 2 of the 3 steps
+
+
+def test_nonfinite_must_be_stop_or_skip():
+    with pytest.raises(VlkitError, match="nonfinite: 'ignore' is not one of skip, stop"):
+        load_config(None, ["datasets={d: {path: x}}", "tasks=[{name: retrieval, dataset: d}]", "nonfinite=ignore"])

@@ -57,6 +57,7 @@ CHOICES: dict[str, set[str]] = {
     "sampling.strategy": {"all", "round_robin", "proportional", "fixed", "temperature"},
     "tasks.*.loss": {"contrastive", "siglip", "momentum"},
     "model.lock.tower": {"image", "text"},
+    "nonfinite": {"stop", "skip"},
 }
 """Allowed values of enumerated string fields, keyed by a dotted path pattern.
 

@@ -177,3 +177,6 @@ class TrainConfig:
     # peak FLOP/s of one device for train/mfu, e.g. 989.4e12; overrides the table of GPUs in vlkit.utils.flops
     # (None: that table; a CPU or an unlisted GPU then logs no MFU)
     peak_flops: Optional[float] = ranged(None, **POSITIVE, note="FLOP/s of one device, e.g. 989.4e12")
+    # a non-finite training loss: stop (an error naming the step, the task and the last good checkpoint) or
+    # skip (that step's update is dropped and counted in train/skipped_steps)
+    nonfinite: str = "stop"

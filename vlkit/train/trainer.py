@@ -27,6 +27,7 @@ from vlkit.train.checkpoint import (load_checkpoint, resolve_checkpoint, rng_sta
                                     set_rng_states)
 from vlkit.train.mfu import measure_step_flops, step_mfu
 from vlkit.train.model_setup import build_model_and_tokenizer
+from vlkit.train.nonfinite import non_finite, nonfinite_error
 from vlkit.train.optim import build_optimizer, build_scheduler, group_lrs
 from vlkit.train.runlog import RunLog, environment
 from vlkit.utils.flops import peak_flops
@@ -282,24 +283,52 @@ class Trainer:
             logs["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
         rates = group_lrs(self.optimizer)  # the rates this step applies, one per tower group
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        # a dropped step (nonfinite=skip) has no update, EMA or momentum step; the schedule moves on with the count
+        skip = self._skip_nonfinite(tasks or self.tasks, logs)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            if not skip:
+                self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif not skip:
             self.optimizer.step()
         self.scheduler.step()
-        self._clamp_scales()
-        inner = unwrap(self.model)
-        if hasattr(inner, "momentum_step"):
-            inner.momentum_step()
-        if self.ema is not None:
-            self.ema.update_parameters(inner)
+        if not skip:
+            self._clamp_scales()
+            inner = unwrap(self.model)
+            if hasattr(inner, "momentum_step"):
+                inner.momentum_step()
+            if self.ema is not None:
+                self.ema.update_parameters(inner)
         logs["train/loss"] = total
         for group, lr in rates.items():
             logs[f"train/lr_{group}"] = lr
         # train/lr: the heads' rate (a model without head parameters: lr_head under the same schedule)
         logs["train/lr"] = rates.get("head", self.cfg.optim.lr_head * factor)
         return logs
+
+    skipped_steps = 0  # steps dropped for a non-finite loss or gradient norm (nonfinite=skip)
+
+    def _skip_nonfinite(self, tasks: list[nn.Module], logs: dict[str, float]) -> bool:
+        """Whether this step must be dropped: a task's loss (or, without a gradient scaler, which skips
+        overflowing steps itself, the gradient norm) is not finite. ``nonfinite=stop`` raises instead.
+
+        Raises:
+            VlkitError: under ``nonfinite=stop``, naming the step, each task whose loss is not finite and the
+                last good checkpoint.
+        """
+        named = {f"the loss of task {t.cfg.name} on dataset {t.key}": logs[f"{self._log_prefix(t)}loss"]
+                 for t in tasks}
+        if self.scaler is None and "train/grad_norm" in logs:
+            named["the gradient norm"] = logs["train/grad_norm"]
+        problems = non_finite(named)
+        if problems and self.cfg.nonfinite == "stop":
+            raise nonfinite_error(self.global_step + 1, problems, self.run_dir)
+        if problems:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        if self.cfg.nonfinite == "skip":
+            logs["train/skipped_steps"] = self.skipped_steps
+        return bool(problems)
 
     def _average_replicated_grads(self) -> None:
         """Under FSDP, average the gradients of the parameters it does not manage (scalars), as DDP would."""
