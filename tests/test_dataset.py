@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -13,9 +14,11 @@ import torch
 from PIL import Image
 
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
+from vlkit.data.decode import max_pixels, set_max_pixels
 from vlkit.data.ingest import ingest
 from vlkit.data.text import build_word_tokenizer
 from vlkit.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from vlkit.data.rows import RowError
 from vlkit.errors import DataError
 
 from .conftest import COCO
@@ -99,6 +102,7 @@ def test_missing_split_and_column_are_clear_errors(coco):
 WORKER = r"""
 import json, sys
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
+from vlkit.data.decode import max_pixels, set_max_pixels
 from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.data.transforms import ImageTransform
 
@@ -152,3 +156,19 @@ def test_persistent_workers_follow_set_epoch(coco):
 def test_fork_is_refused(coco):
     with pytest.raises(DataError, match="forkserver or spawn"):
         make_loader(LanceImageTextDataset(coco, "train"), 4, num_workers=1, multiprocessing_context="fork")
+
+
+def test_bad_image_names_its_row_and_workers_get_the_pixel_limit(coco):
+    ds = LanceImageTextDataset(coco, "train", ImageTransform(16), captions="first")
+    first = lance.dataset(str(coco)).take(ds.offsets[:1], columns=["id", "width", "height"]).to_pylist()[0]
+    try:
+        set_max_pixels(first["width"] * first["height"] - 1)
+        with pytest.raises(RowError, match=rf"^{coco} row id '{first['id']}': image of "
+                                           rf"{first['width']}x{first['height']} .* over the pixel limit"):
+            ds.__getitems__([0])
+        state = pickle.dumps(ds)  # what a DataLoader worker receives
+        set_max_pixels(None)
+        pickle.loads(state)  # in a worker, unpickling sets the limit the parent had
+        assert max_pixels() == first["width"] * first["height"] - 1
+    finally:
+        set_max_pixels(None)

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from vlkit.data.decode import set_max_pixels
 from vlkit.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     DRAFT_GAP,
+    ImageError,
     ImageTransform,
     center_crop,
     decode,
@@ -100,6 +102,28 @@ def test_draft_decode_keeps_min_size(jpeg_800x600: bytes) -> None:
     # Not a JPEG: min_size is ignored.
     png = encode(noise_image(80, 60), "PNG")
     assert decode(png, min_size=8).size == (80, 60)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_decode_is_bounded_by_the_pixel_limit_in_one_header_parse(jpeg_800x600: bytes, train: bool,
+                                                                 monkeypatch) -> None:
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    transform = ImageTransform(32, train=train)  # draft mode would decode only 100x75 pixels
+    try:
+        set_max_pixels(800 * 600 - 1)  # the limit applies to the size the header declares
+        with pytest.raises(ImageError, match="image of 800x600 = 0.5 Mpx is over the pixel limit") as info:
+            transform(jpeg_800x600, random.Random(0))
+        assert info.value.reason.startswith("image of 800x600") and isinstance(info.value, VlkitError)
+        with pytest.raises(ImageError, match="over the pixel limit"):
+            decode(jpeg_800x600, min_size=64)
+        set_max_pixels(800 * 600)
+        opened.clear()
+        assert transform(jpeg_800x600, random.Random(0)).shape == (3, 32, 32)
+        assert len(opened) == 1  # the header is parsed once: the check rides on the decode's own open
+    finally:
+        set_max_pixels(None)
 
 
 # ----------------------------------------------------------- geometric transforms

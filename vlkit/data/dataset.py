@@ -10,7 +10,12 @@ and a resumed run sees exactly the data an uninterrupted run would. :func:`make_
 with every batch of indices, so persistent workers follow ``set_epoch`` made in the main process.
 
 Workers are started with ``forkserver`` (or ``spawn``), never ``fork``: the parent has already used Lance,
-whose background threads do not survive a fork.
+whose background threads do not survive a fork. The pixel limit in force when the workers start
+(:func:`vlkit.data.decode.max_pixels`) travels with the dataset, so workers decode with the same bound.
+
+An image that does not decode (corrupt, or over the pixel limit) stops the batch with a one-line
+:class:`~vlkit.data.rows.RowError` naming the dataset and the row id; so does a data file missing from the
+dataset's ``data/`` folder, naming the file.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import lance
 import torch
 
+from vlkit.data.decode import ImageDecodeError, max_pixels, set_max_pixels
+from vlkit.data.rows import image_error, reading
 from vlkit.data.store import open_dataset, split_indices
 from vlkit.data.text import TextTokenizer
-from vlkit.data.transforms import ImageTransform, mentions_side
+from vlkit.data.transforms import ImageError, ImageTransform, mentions_side
 from vlkit.errors import DataError
 
 CaptionMode = Literal["random", "first", "all", "none"]
@@ -77,6 +84,14 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         self.normalize = normalize
         self.epoch = 0
         ds = open_dataset(path)
+        with reading(self.path):
+            self._check_rows(ds, columns, require)
+        self._ds: lance.LanceDataset | None = None
+        self._pid = -1
+
+    def _check_rows(self, ds: lance.LanceDataset, columns: Sequence[str], require: Sequence[str]) -> None:
+        """Find the rows of the split (with every ``require`` column non-empty) and check the columns."""
+        path, split, captions = self.path, self.split, self.captions
         missing = [c for c in columns if c not in ds.schema.names]
         if missing:
             raise DataError(f"{path}: no column(s) {missing}; columns are {ds.schema.names}")
@@ -95,8 +110,6 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
             empty = sum(1 for n in lengths if n == 0)
             if empty == len(lengths):
                 raise DataError(f"{path}: split '{split}' has no captions (use captions='none' for labels)")
-        self._ds: lance.LanceDataset | None = None
-        self._pid = -1
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -108,7 +121,14 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_ds"], state["_pid"] = None, -1  # each process opens its own handle
+        state["_max_pixels"] = max_pixels()  # a worker decodes with the limit of the process that made it
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        limit = state.pop("_max_pixels", None)
+        self.__dict__.update(state)
+        if limit is not None and limit != max_pixels():
+            set_max_pixels(limit)
 
     def _dataset(self) -> lance.LanceDataset:
         if self._ds is None or self._pid != os.getpid():
@@ -129,11 +149,12 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         ``indices`` is a list of positions, or an :class:`EpochBatch` that also names the epoch."""
         if isinstance(indices, EpochBatch):
             self.epoch, indices = indices.epoch, indices.indices
-        ds = self._dataset()
         offsets = [self.offsets[i] for i in indices]
         names = ["id", "captions", "label", *self.columns]
-        rows = ds.take(offsets, columns=names).to_pydict()
-        blobs = ds.read_blobs("image", indices=offsets, preserve_order=True)
+        with reading(self.path):
+            ds = self._dataset()
+            rows = ds.take(offsets, columns=names).to_pydict()
+            blobs = ds.read_blobs("image", indices=offsets, preserve_order=True)
         batch: dict[str, Any] = {
             "index": torch.tensor(list(indices), dtype=torch.long),
             "id": rows["id"],
@@ -153,7 +174,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
                 texts.extend(caps)
                 caption_image.extend([pos] * len(caps))
                 allow_flip = not any(mentions_side(c) for c in caps)
-            images.append(data if self.transform is None else self.transform(data, rng, allow_flip))
+            images.append(data if self.transform is None else self._image(data, rng, allow_flip, rows["id"][pos]))
         batch["image"] = images if self.transform is None else self._stack(images)
         if self.captions != "none":
             batch["text"] = texts
@@ -167,6 +188,13 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         for name in self.columns:
             batch[name] = rows[name]
         return batch
+
+    def _image(self, data: bytes, rng: random.Random, allow_flip: bool, row_id: str) -> torch.Tensor:
+        """Decode and transform one image; a bad image raises a RowError naming the row."""
+        try:
+            return self.transform(data, rng, allow_flip)
+        except (ImageError, ImageDecodeError) as exc:
+            raise image_error(self.path, row_id, exc) from None
 
     def _stack(self, images: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(images)  # [batch, 3, H, W] uint8
@@ -235,6 +263,8 @@ def make_loader(
         seed: seed of the loader's own generator, so starting an iteration never draws from (and so never
             shifts) the global torch random state: a run resumed mid-epoch keeps the same random stream.
     """
+    if num_workers < 0:
+        raise DataError(f"the number of loader workers must be 0 or more, got {num_workers}")
     if multiprocessing_context == "fork":
         raise DataError("fork-started workers can hang on Lance's threads; use forkserver or spawn")
     if num_workers > 0 and multiprocessing_context is None:

@@ -11,7 +11,6 @@ cheap and moves 4x less data to the accelerator.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import re
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlkit.errors import VlkitError
+from vlkit.data.decode import DECODE_ERRORS, ImageDecodeError, load_image, open_image
+from vlkit.errors import DataError, VlkitError
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -42,16 +42,31 @@ FloatBox = tuple[float, float, float, float]
 DRAFT_GAP = 1.25
 
 _SIDE_WORDS = re.compile(r"\b(?:left|right)\b", re.IGNORECASE)
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------- decoding
+
+
+class ImageError(DataError):
+    """Encoded bytes that cannot be used as an image (corrupt, not an image, over the pixel limit).
+
+    Attributes:
+        reason: why, without the "cannot decode" prefix, for messages that name the image's row.
+    """
+
+    def __init__(self, reason: str, size: int | None = None):
+        self.reason = reason
+        where = f" ({size} bytes)" if size is not None else ""
+        super().__init__(f"cannot decode image{where}: {reason}")
 
 
 def _decode_scaled(
     data: bytes, min_size: int | None = None
 ) -> tuple[Image.Image, tuple[int, int], float]:
     """Decode bytes to RGB, with JPEG draft mode when ``min_size`` allows it.
+
+    The image is opened once with :func:`vlkit.data.decode.open_image`, which checks the
+    size in the header against the pixel limit before any pixel is decoded.
 
     Args:
         data: encoded image.
@@ -64,11 +79,11 @@ def _decode_scaled(
         coordinates in the decoded image.
 
     Raises:
-        VlkitError: the bytes are not a readable image.
+        ImageError: the bytes are not a readable image, or it has more pixels than the limit.
     """
     factor = 1.0
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         original_size = img.size
         if min_size is not None and img.format == "JPEG":
             # Requesting (m, m) makes Pillow pick the largest scale 1/s with
@@ -76,11 +91,13 @@ def _decode_scaled(
             drafted = img.draft("RGB", (min_size, min_size))
             if drafted is not None:
                 factor = original_size[0] / drafted[1][2]
-        img.load()
+        img = load_image(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
-    except _DECODE_ERRORS as exc:
-        raise VlkitError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+    except ImageDecodeError as exc:
+        raise ImageError(str(exc), len(data)) from None
+    except DECODE_ERRORS as exc:  # convert() of an odd mode
+        raise ImageError(f"cannot convert to RGB ({exc})", len(data)) from None
     return img, original_size, factor
 
 
@@ -97,7 +114,8 @@ def decode(data: bytes, min_size: int | None = None) -> Image.Image:
         The decoded RGB image.
 
     Raises:
-        VlkitError: the bytes are not a readable image.
+        ImageError: the bytes are not a readable image, or it has more pixels than the
+            limit (:func:`vlkit.data.decode.max_pixels`).
     """
     return _decode_scaled(data, min_size)[0]
 
@@ -393,7 +411,8 @@ class ImageTransform:
             uint8 tensor ``[3, S, S]``.
 
         Raises:
-            VlkitError: undecodable bytes, or training without an rng.
+            ImageError: undecodable bytes, or more pixels than the limit.
+            VlkitError: training without an rng.
         """
         if self.train:
             if rng is None:
