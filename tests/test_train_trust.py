@@ -175,3 +175,69 @@ def test_skip_drops_the_non_finite_step_and_counts_it(synth, tmp_path):
 def test_nonfinite_must_be_stop_or_skip():
     with pytest.raises(VlkitError, match="nonfinite: 'ignore' is not one of skip, stop"):
         load_config(None, ["datasets={d: {path: x}}", "tasks=[{name: retrieval, dataset: d}]", "nonfinite=ignore"])
+
+
+def test_a_missing_val_split_fails_before_anything_is_written(synth, tmp_path):
+    from vlkit.tasks.preflight import DatasetCheckError
+
+    run = tmp_path / "out" / "run"
+    cfg = load_config(None, [f"datasets={{synth: {{path: {synth}, val_split: nosuch}}}}",
+                             "tasks=[{name: retrieval, dataset: synth}]", f"output_dir={run}", *EXACT_STEP,
+                             "model.name=clip-tiny"])
+    with pytest.raises(DatasetCheckError) as excinfo:
+        Trainer(cfg)
+    assert excinfo.value.problems == [
+        f"datasets.synth.val_split: split 'nosuch' has no rows in {synth} (splits present: test, train, val)"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory):
+    """A dataset with captions only: no labels, questions or answers."""
+    from vlkit.data.ingest import ingest
+    from vlkit.data.synth import generate
+
+    root = tmp_path_factory.mktemp("plain")
+    source = generate(root, 20, seed=1)
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    keep = ("image", "text")
+    source.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
+    ingest([source], root / "plain.lance", progress=False, val_fraction=0.3, test_fraction=0.0)
+    return root / "plain.lance"
+
+
+def test_every_dataset_problem_is_reported_at_once(synth, unlabelled, tmp_path):
+    from vlkit.tasks.preflight import DatasetCheckError
+
+    missing = tmp_path / "nothing.lance"
+    cfg = load_config(None, [
+        f"datasets={{gone: {{path: {missing}}}, plain: {{path: {unlabelled}}}, "
+        f"shapes: {{path: {synth}, train_split: trian}}}}",
+        "tasks=[{name: retrieval, dataset: gone}, {name: classification, dataset: plain, prompt: 'which?'}, "
+        "{name: vqa, dataset: plain}, {name: retrieval, dataset: shapes}]",
+        "sampling.strategy=round_robin", "model.name=albef-tiny", f"output_dir={tmp_path / 'run'}", "batch_size=8"])
+    with pytest.raises(DatasetCheckError) as excinfo:
+        Trainer(cfg)
+    problems = excinfo.value.problems
+    assert problems[0] == f"datasets.gone.path: {missing}: no such dataset (create one with " \
+                          f"'vlkit ingest ... --out {missing}')"
+    for split, role in (("train", "train_split"), ("val", "val_split")):
+        for column, task in (("label", "classification"), ("questions", "vqa"), ("answers", "vqa")):
+            assert (f"datasets.plain.{role}: column '{column}' is empty in split '{split}' of {unlabelled}; "
+                    f"task {task} reads it") in problems
+    assert (f"datasets.shapes.train_split: split 'trian' has no rows in {synth} "
+            f"(splits present: test, train, val)") in problems
+    assert len(problems) == 8  # and nothing else: the captions of `plain` are fine
+    assert not (tmp_path / "run").exists()
+    assert str(excinfo.value).splitlines()[1:] == problems
+
+
+def test_every_task_declares_the_columns_it_reads():
+    from vlkit.config.schema import TaskConfig
+    from vlkit.tasks.preflight import task_reads
+
+    assert task_reads(TaskConfig(name="retrieval", dataset="d")) == ["captions"]
+    assert task_reads(TaskConfig(name="itm", dataset="d")) == ["captions"]
+    assert task_reads(TaskConfig(name="vqa", dataset="d")) == ["questions", "answers"]
+    assert task_reads(TaskConfig(name="classification", dataset="d")) == ["label", "captions"]
+    assert task_reads(TaskConfig(name="classification", dataset="d", prompt="which?")) == ["label"]

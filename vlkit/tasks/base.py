@@ -13,7 +13,8 @@ from vlkit.train.distributed import DistInfo
 
 
 class Task(nn.Module):
-    """The base of the training tasks: a subclass builds its training dataset and calls :meth:`shuffled_loader`.
+    """The base of the training tasks: a subclass builds its training dataset and calls :meth:`shuffled_loader`,
+    and says in :meth:`reads` which columns it reads (checked before training by :mod:`vlkit.tasks.preflight`).
 
     Args:
         key: the dataset's name in the config (used in metric names ``val/<key>/...``).
@@ -33,6 +34,15 @@ class Task(nn.Module):
         self.tokenizer, self.preprocess, self.seed, self.augment = tokenizer, preprocess, seed, augment
         self.train_set: LanceImageTextDataset | None = None
         self.sampler: DistributedEpochSampler | None = None
+
+    @classmethod
+    def reads(cls, cfg: TaskConfig) -> list[str]:
+        """The columns this task reads from its dataset's training and validation splits (each must hold values).
+
+        Args:
+            cfg: the task's config (a prompt, for example, replaces the captions).
+        """
+        return ["captions"]
 
     def shuffled_loader(self, ds: LanceImageTextDataset, per_rank_batch: int) -> torch.utils.data.DataLoader:
         """The training loader over ``ds``: a new shuffle every epoch, equal full batches on every rank.

@@ -50,6 +50,10 @@ class ClassificationTask(Task):
             raise VlkitError("task classification is built with the model (for its fused feature width)")
         self.head = nn.Linear(fused_width(model), len(self.class_names))
 
+    @classmethod
+    def reads(cls, cfg: TaskConfig) -> list[str]:
+        return ["label"] if cfg.prompt else ["label", "captions"]
+
     def _dataset(self, split: str, train: bool) -> LanceImageTextDataset:
         captions = "none" if self.cfg.prompt else ("random" if train else "first")
         return LanceImageTextDataset(self.data.path, split, self.preprocess.image_transform(train=train and self.augment),

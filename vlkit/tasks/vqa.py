@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlkit.config.schema import TaskConfig
 from vlkit.data.answers import AnswerVocab
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.sampler import DistributedEpochSampler
@@ -66,6 +67,10 @@ class VQATask(Task):
     """
 
     _vocab: AnswerVocab | None = None  # the model's answers, read once (they are fixed when the model is built)
+
+    @classmethod
+    def reads(cls, cfg: TaskConfig) -> list[str]:
+        return list(QA_COLUMNS)
 
     def vocab(self, model: nn.Module) -> AnswerVocab:
         if self._vocab is None:

@@ -21,6 +21,7 @@ from vlkit.config.schema import TrainConfig
 from vlkit.errors import VlkitError
 from vlkit.models.io import save_model
 from vlkit.tasks import build_task
+from vlkit.tasks.preflight import check_datasets
 from vlkit.tasks.retrieval import unwrap
 from vlkit.train import distributed as D
 from vlkit.train.checkpoint import (load_checkpoint, resolve_checkpoint, rng_states, save_checkpoint,
@@ -129,6 +130,7 @@ class Trainer:
                              f"x grad_accum {cfg.grad_accum}")
         self.per_rank_batch = cfg.batch_size // self.dist.world_size
         self.run_dir = Path(cfg.output_dir)
+        check_datasets(cfg)  # every dataset, split and column the tasks read, before any work or writing
         seed_everything(cfg.seed)
         self.model, self.tokenizer = build_model_and_tokenizer(cfg, self.dist)
         self.model.to(self.dist.device)
