@@ -12,24 +12,33 @@ from vlkit.errors import VlkitError
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``vlkit configs`` and its actions to the command line."""
-    p = sub.add_parser("configs", help="list, show, copy and validate training config recipes")
+    p = sub.add_parser(
+        "configs", help="list, show, copy and validate training config recipes",
+        description="The training recipes shipped with vlkit: list them, print one, copy one to a file you can "
+        "edit, or check config files (every key and type) without training.",
+    )
     csub = p.add_subparsers(dest="configs_command", metavar="ACTION")
     csub.required = True
 
-    lst = csub.add_parser("list", help="the shipped recipes, each with its first comment line")
+    lst = csub.add_parser("list", help="the shipped recipes, each with its first comment line",
+                          description="Print each shipped recipe's name with its first comment line (the "
+                          "command that runs it).")
     lst.set_defaults(func=run_list)
 
-    show = csub.add_parser("show", help="print a recipe's YAML")
+    show = csub.add_parser("show", help="print a recipe's YAML", description="Print a shipped recipe's YAML.")
     show.add_argument("name", help="recipe name (see `vlkit configs list`)")
     show.set_defaults(func=run_show)
 
-    cp = csub.add_parser("cp", help="copy a recipe to a file you can edit")
+    cp = csub.add_parser("cp", help="copy a recipe to a file you can edit",
+                         description="Copy a shipped recipe to DEST; an existing file is kept unless --force.")
     cp.add_argument("name", help="recipe name (see `vlkit configs list`)")
     cp.add_argument("dest", help="file to write, or an existing folder to write NAME.yaml into")
     cp.add_argument("--force", "-f", action="store_true", help="overwrite DEST if it exists")
     cp.set_defaults(func=run_cp)
 
-    val = csub.add_parser("validate", help="check config files (default: every shipped recipe)")
+    val = csub.add_parser("validate", help="check config files (default: every shipped recipe)",
+                          description="Load each config with its overrides and report every problem (unknown "
+                          "keys, wrong types, bad values); exit 2 if any config fails.")
     val.add_argument("files", nargs="*", metavar="FILE", help="YAML files or recipe names")
     val.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

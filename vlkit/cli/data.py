@@ -7,28 +7,42 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="inspect datasets and generate synthetic data")
+    """Add ``vlkit data`` and its actions to ``sub``."""
+    p = sub.add_parser(
+        "data", help="inspect datasets and generate synthetic data",
+        description="Look at a Lance dataset made by 'vlkit ingest' (info: its counts, splits and classes; "
+        "show: a contact sheet of its images) or make a synthetic shapes dataset to try things on (synth).",
+    )
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
 
-    info = dsub.add_parser("info", help="rows, captions, splits, classes, questions, size, versions")
-    info.add_argument("dataset")
+    info = dsub.add_parser("info", help="rows, captions, splits, classes, questions, size, versions",
+                           description="Print what a dataset holds: images, captions, questions, splits, "
+                           "classes, extra columns, size on disk, versions and indices.")
+    info.add_argument("dataset", help="a vlkit Lance dataset (made by vlkit ingest)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=run_info)
 
-    show = dsub.add_parser("show", help="a contact sheet of images with their first caption")
-    show.add_argument("dataset")
+    show = dsub.add_parser("show", help="a contact sheet of images with their first caption",
+                           description="Draw the first N images of a dataset (or of one split), each with its "
+                           "id and first caption, into one PNG.")
+    show.add_argument("dataset", help="a vlkit Lance dataset (made by vlkit ingest)")
     show.add_argument("--out", "-o", required=True, help="PNG file to write")
     show.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     show.add_argument("--split", help="only this split")
     show.set_defaults(func=run_show)
 
-    synth = dsub.add_parser("synth", help="generate a synthetic shapes dataset and ingest it")
+    synth = dsub.add_parser("synth", help="generate a synthetic shapes dataset and ingest it",
+                            description="Draw N images of coloured shapes with captions, class labels and "
+                            "questions, write them with synth.jsonl into OUT and ingest them into "
+                            "OUT/synth.lance. The same arguments always give the same files.")
     synth.add_argument("--out", "-o", required=True, help="folder for images, synth.jsonl and synth.lance")
     synth.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=64)
-    synth.add_argument("--format", default="png", choices=("png", "jpeg"))
+    synth.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    synth.add_argument("--image-size", type=int, default=64,
+                       help="width and height of the square images in pixels, 32 to 1024 (default 64)")
+    synth.add_argument("--format", default="png", choices=("png", "jpeg"),
+                       help="image files: png (exact colours, default) or jpeg")
     synth.set_defaults(func=run_synth)
 
 

@@ -16,9 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", help="run directory, model directory or checkpoint")
     p.add_argument("--data", required=True, help="the Lance dataset")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+#: The default of --ann-threshold: ``vlkit.search.index.DEFAULT_ANN_THRESHOLD``, repeated here because importing
+#: that module loads torch and lancedb, which ``vlkit --help`` must not wait for (a test keeps the two equal).
+DEFAULT_ANN_THRESHOLD = 50_000
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``index`` subcommand to ``sub``."""
-    from vlkit.search.index import DEFAULT_ANN_THRESHOLD
-
     p = sub.add_parser(
         "index",
         help="build a search index (LanceDB) of a dataset's images and captions",
@@ -22,10 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="index directory to write (replaced only once complete)")
     p.add_argument("--split", help="index only this split (default: every row)")
     p.add_argument("--ann-threshold", type=int, default=DEFAULT_ANN_THRESHOLD,
-                   help="rows from which an approximate index is built")
-    p.add_argument("--batch-size", type=int, default=64)
+                   help=f"rows from which an approximate index is built (default {DEFAULT_ANN_THRESHOLD})")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` subcommand to ``sub``."""
     p = sub.add_parser(
         "train", help="train a model from a YAML recipe",
         description="Train from a YAML recipe (a file, or the name of a shipped recipe: see 'vlkit configs "
