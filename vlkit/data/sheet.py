@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vlkit.data.decode import ImageDecodeError, decode_rgb
+from vlkit.data.rows import image_error, reading
 from vlkit.data.store import open_dataset, split_indices
+from vlkit.errors import DataError
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -37,11 +39,20 @@ def contact_sheet(
 
     Returns:
         The path of the written image.
+
+    Raises:
+        DataError: ``n``, ``thumb`` or ``cols`` is below 1.
+        RowError: an image does not decode or is over the pixel limit (naming its row id), or a data file
+            of the dataset is missing. Nothing is written then.
     """
+    for name, value in (("n", n), ("thumb", thumb), ("cols", cols)):
+        if value < 1:
+            raise DataError(f"contact sheet: {name} must be at least 1, got {value}")
     ds = open_dataset(dataset)
-    offsets = split_indices(ds, split)[: max(1, n)]
-    rows = ds.take(offsets, columns=["id", "captions", "class_name", "questions", "answers"]).to_pylist()
-    blobs = ds.read_blobs("image", indices=offsets, preserve_order=True)
+    with reading(dataset):
+        offsets = split_indices(ds, split)[:n]
+        rows = ds.take(offsets, columns=["id", "captions", "class_name", "questions", "answers"]).to_pylist()
+        blobs = ds.read_blobs("image", indices=offsets, preserve_order=True)
     font, small = _font(14), _font(11)
     line_h, text_lines = 17, 4
     cell_w, cell_h = thumb + 16, thumb + 16 + line_h * text_lines + 14
@@ -51,9 +62,10 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     for i, (row, (_, data)) in enumerate(zip(rows, blobs)):
         x0, y0 = (i % cols) * cell_w + 8, (i // cols) * cell_h + 8
-        img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (thumb, thumb))
-        img = img.convert("RGB")
+        try:
+            img = decode_rgb(data, draft=thumb)
+        except ImageDecodeError as exc:
+            raise image_error(dataset, row["id"], exc) from None
         scale = thumb / max(img.width, img.height)
         resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BICUBIC  # keep tiny images crisp
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
