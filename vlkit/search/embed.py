@@ -1,8 +1,9 @@
 """Image and caption embeddings of a Lance dataset, and writing them back into it as new columns.
 
 :func:`compute_embeddings` runs a model over one split (or every row). :func:`write_embeddings` adds them to
-the dataset as columns without rewriting the images: Lance's ``merge`` joins the new columns on ``id`` and
-commits a new version whose data files for the existing columns are the old ones. The columns carry the
+the dataset as columns without rewriting the images: each fragment joins the new columns on ``id`` into new
+data files, and one ``Merge`` commit brings them in and drops any earlier embedding columns at once, so every
+version of the dataset has either the old embeddings or the new ones, never none. The columns carry the
 model's fingerprint in their field metadata, so embeddings can be traced to the run that made them.
 """
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from vlkit.data.columns import replace_columns
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.store import open_dataset
 from vlkit.errors import DataError
@@ -108,7 +110,8 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
 def write_embeddings(dataset: str | Path, emb: Embeddings, tag: str, source: str = "") -> int:
     """Add (or replace) the ``image_embedding`` and ``caption_embeddings`` columns of ``dataset``.
 
-    Rows not in ``emb`` get nulls. The images are not rewritten: the new columns go into new data files.
+    Rows not in ``emb`` get nulls. The images are not rewritten: the new columns go into new data files, and
+    the dataset gains exactly one version (earlier embedding columns are replaced in the same commit).
 
     Returns:
         The new version of the dataset.
@@ -128,12 +131,7 @@ def write_embeddings(dataset: str | Path, emb: Embeddings, tag: str, source: str
          pa.FixedSizeListArray.from_arrays(pa.array(emb.image.numpy().astype(np.float32).ravel()), dim),
          pa.array([[v.tolist() for v in vs] for vs in per_image], pa.list_(vec))],
         schema=pa.schema([pa.field("id", pa.string()), image_type, text_type]))
-    old = [c for c in (IMAGE_COLUMN, TEXT_COLUMN) if c in ds.schema.names]
-    if old:
-        ds.drop_columns(old)  # metadata-only: the files of the other columns stay as they are
-        ds = open_dataset(dataset)
-    ds.merge(table, left_on="id")
-    return open_dataset(dataset).version
+    return replace_columns(ds, table, on="id").version
 
 
 def read_embeddings(dataset: str | Path) -> dict[str, str]:
