@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -14,8 +15,18 @@ import pytest
 
 from .conftest import ROOT
 
-needs_build_tools = pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
-                                       reason="building a wheel without build isolation needs setuptools")
+
+def _can_build_wheels() -> bool:
+    """setuptools that builds wheels by itself (70.1 and later), or an older one with the wheel package."""
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
+needs_build_tools = pytest.mark.skipif(not _can_build_wheels(),
+                                       reason="building a wheel without build isolation needs setuptools>=70.1")
 
 
 @pytest.fixture(scope="module")
