@@ -146,10 +146,11 @@ def test_missing_data_file_is_one_error_naming_it(tmp_path):
     (path / "data" / files[1]).unlink()
     with pytest.raises(RowError, match=rf"^{path}: data file {files[1]} is missing"):
         ds.__getitems__([0, 3])
-    with pytest.raises(RowError, match=rf"data file {files[1]} is missing"):
+    with pytest.raises(VlkitError, match=rf"^{path}: .*data file {files[1]} is missing"):
         LanceImageTextDataset(path, "train", ImageTransform(16), captions="first")
-    with pytest.raises(RowError, match=rf"data file {files[1]} is missing"):
+    with pytest.raises(VlkitError, match=rf"^{path}: .*data file {files[1]} is missing"):
         contact_sheet(path, tmp_path / "sheet.png", n=4)
+    assert not (tmp_path / "sheet.png").exists()
 
 
 def test_write_embeddings_is_one_commit_that_replaces_the_columns(tmp_path):
