@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
 
 import lance
 import pyarrow.compute as pc
@@ -12,17 +15,125 @@ import pyarrow.compute as pc
 from vlkit.data.schema import CORE_NAMES, class_names
 from vlkit.errors import DataError
 
+T = TypeVar("T")
 
-def open_dataset(path: str | Path) -> lance.LanceDataset:
-    """Open a Lance dataset, or raise one clear error naming the path."""
+
+class DamagedDataset(DataError):
+    """A data file the dataset's current version lists is missing; the message names the dataset and file."""
+
+
+def open_dataset(path: str | Path, *, check_files: bool = True) -> lance.LanceDataset:
+    """Open a Lance dataset, or raise one clear error naming the path.
+
+    Args:
+        path: the dataset directory.
+        check_files: also check that every data file of the current version is there (a stat per file).
+
+    Raises:
+        DataError: no dataset at ``path``, or not a readable Lance dataset.
+        DamagedDataset: a data file is missing (see :func:`check_data_files`).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such dataset (create one with 'vlkit ingest ... --out {path}')")
     try:
-        return lance.dataset(str(path))
+        ds = lance.dataset(str(path))
     except (OSError, ValueError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a readable Lance dataset ({first_line})") from None
+    if check_files:
+        check_data_files(ds, path)
+    return ds
+
+
+def missing_data_files(ds: lance.LanceDataset) -> list[Path]:
+    """The data files listed by the dataset's current version that are not on disk (local datasets only)."""
+    root = Path(ds.uri)
+    if "://" in ds.uri or not root.is_dir():
+        return []
+    missing = []
+    for fragment in ds.get_fragments():
+        for data_file in fragment.metadata.files:
+            if getattr(data_file, "base_id", None) is not None:  # stored under another base: not checked here
+                continue
+            file = root / "data" / data_file.path
+            if not file.exists():
+                missing.append(file)
+    return missing
+
+
+def damaged_error(path: str | Path, missing: list[Path]) -> DamagedDataset:
+    """The one-line error for dataset ``path`` whose data files ``missing`` are gone."""
+    first = missing[0]
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return DamagedDataset(f"{path}: the dataset is damaged: data file {first.name} is missing{more} ({first}); "
+                          "restore it from a backup or ingest the data again")
+
+
+def check_data_files(ds: lance.LanceDataset, path: str | Path | None = None) -> None:
+    """Raise :class:`DamagedDataset` naming the dataset and the first missing file, if any file is missing.
+
+    Every reader gets this check through :func:`open_dataset`; a reader holding a dataset opened earlier (a
+    DataLoader worker) can call it when a read fails, to name the file.
+    """
+    missing = missing_data_files(ds)
+    if missing:
+        raise damaged_error(path if path is not None else ds.uri, missing)
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file that writers of dataset ``path`` take turns on: ``.<name>.lock`` beside the dataset."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def write_lock(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the write lock of dataset ``path`` (an exclusive ``flock``) for the ``with`` block.
+
+    Writers that read the dataset, decide what to add and then commit (ingest) hold it from the read to the
+    commit, so two of them never add the same rows. The lock is released when the process ends, however it
+    ends; the lock file itself is left in place (empty) for the next writer.
+
+    Args:
+        path: the dataset directory (it need not exist yet).
+        on_wait: called once if another process holds the lock, before waiting for it.
+    """
+    file = lock_path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def is_commit_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is Lance refusing a commit because another process committed first."""
+    return type(exc).__name__ == "CommitConflictError" or "commit conflict" in str(exc).lower()
+
+
+def retry_on_conflict(action: Callable[[], T], path: str | Path, what: str, tries: int = 5) -> T:
+    """Run ``action`` (which must re-open the dataset), again after a short pause if a concurrent commit won.
+
+    Raises:
+        DataError: still conflicting after ``tries`` attempts; one line naming the dataset and ``what``.
+    """
+    for attempt in range(tries):
+        try:
+            return action()
+        except (OSError, ValueError, RuntimeError) as exc:
+            if not is_commit_conflict(exc):
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise DataError(f"{path}: other processes kept changing the dataset while {what}; nothing of it was "
+                    "committed, run the command again")
 
 
 def split_indices(ds: lance.LanceDataset, split: str | None) -> list[int]:
