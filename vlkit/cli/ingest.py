@@ -8,6 +8,25 @@ from pathlib import Path
 
 from vlkit.data.readers import FORMATS
 
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024  # vlkit.data.images.DEFAULT_MAX_IMAGE_BYTES, repeated: no Pillow import here
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
+          "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes from ``123``, ``64K``, ``64M``, ``1G`` (binary units; ``MiB``/``MB`` read alike)."""
+    raw = text.strip().upper()
+    number = raw.rstrip("BKMGI")
+    unit = raw[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes, or a number with K, M or G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
+    return int(value)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -27,12 +46,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="write nothing if any input problem is found")
     p.add_argument("--fragment-rows", type=int, help="rows per Lance fragment (default: ~16 equal fragments)")
     p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default: CPU count)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read images that lie outside the images root (default: only inside --images-root, "
+                   "or the source's folder when none is given; symlinks resolved)")
+    p.add_argument("--max-image-bytes", type=parse_size, default=DEFAULT_MAX_IMAGE_BYTES, metavar="SIZE",
+                   help="skip image files larger than this (bytes, or with K/M/G; default: 64M)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlkit.data.ingest import ingest, report_path
+    from vlkit.data.ingest import ingest, log_path, report_path
 
     report = ingest(
         args.sources,
@@ -46,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
         fragment_rows=args.fragment_rows,
         workers=args.workers,
         progress=not args.quiet and sys.stderr.isatty(),
+        allow_outside_root=args.allow_outside_root,
+        max_image_bytes=args.max_image_bytes,
     )
     print(report.summary())
-    print(f"report: {report_path(Path(args.out))}")
+    print(f"report: {report_path(Path(args.out))} (every ingest: {log_path(Path(args.out))})")
     return 0

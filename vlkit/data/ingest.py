@@ -2,17 +2,23 @@
 
 The write is one Lance commit per ingest (plus index refreshes): a process killed part-way leaves the
 dataset at its previous version. Images already stored (by ``id``) are not read again, so re-running the
-same ingest changes nothing.
+same ingest changes nothing. Ingests into one dataset take turns on its write lock, from reading the ids
+already stored to the commit, so concurrent ingests of the same images never store an id twice.
+
+Image files are read only inside their images root (or the source's folder), only when regular files, up to
+a byte limit, and only when their header declares no more pixels than :mod:`vlkit.data.decode` allows.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,57 +26,17 @@ import lance
 import pyarrow as pa
 from tqdm import tqdm
 
-from vlkit.data.images import ImageProblem, read_image
+from vlkit.data.classes import assign_classes
+from vlkit.data.images import DEFAULT_MAX_IMAGE_BYTES, ImageProblem, read_image
+from vlkit.data.ingest_report import IngestReport, log_path, report_path, save_report
 from vlkit.data.readers import read_source
 from vlkit.data.records import Problem, Record
 from vlkit.data.schema import CORE_NAMES, build_schema, class_names, extra_field, rows_to_table
+from vlkit.data.store import is_commit_conflict, open_dataset, retry_on_conflict, write_lock
 from vlkit.errors import DataError
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class IngestReport:
-    """What an ingest did; saved as JSON beside the dataset."""
-
-    dataset: str
-    sources: list[str]
-    version_before: int | None = None
-    version_after: int | None = None
-    records: int = 0
-    rows_added: int = 0
-    rows_existing: int = 0
-    problems: list[Problem] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows_added / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["problems"] = [asdict(p) for p in self.problems]
-        out["rows_per_second"] = round(self.rows_per_second, 1)
-        return out
-
-    def summary(self, max_problems: int = 20) -> str:
-        lines = [
-            f"ingested {self.rows_added} new images into {self.dataset} "
-            f"({self.rows_existing} already present, {len(self.problems)} problems) "
-            f"in {self.seconds:.1f}s ({self.rows_per_second:.0f} rows/s); "
-            f"version {self.version_before} -> {self.version_after}"
-        ]
-        if self.problems:
-            lines.append(f"skipped ({len(self.problems)}):")
-            lines += [f"  {p}" for p in self.problems[:max_problems]]
-            if len(self.problems) > max_problems:
-                lines.append(f"  ... and {len(self.problems) - max_problems} more (see the report file)")
-        return "\n".join(lines)
-
-
-def report_path(dataset: Path) -> Path:
-    """Where the ingest report of ``dataset`` is written: ``<name>.ingest-report.json`` beside it."""
-    return dataset.parent / f"{dataset.stem}.ingest-report.json"
+__all__ = ["IngestReport", "ingest", "log_path", "report_path", "save_report"]
 
 
 def hash_split(key: str, val_fraction: float, test_fraction: float) -> str:
@@ -103,32 +69,11 @@ def collect_records(
     for rec in merged.values():
         # a source field named like a core column (e.g. "source", "width") is kept as "extra_<name>"
         rec.extra = {f"extra_{k}" if k in CORE_NAMES else k: v for k, v in rec.extra.items()}
-        if not rec.captions and not rec.questions and rec.label is None:
+        if not rec.captions and not rec.questions and rec.label is None and rec.class_name is None:
             problems.append(Problem(rec.source, None, f"image '{rec.id}' has no captions, questions or label"))
         else:
             usable.append(rec)
     return usable
-
-
-def _assign_classes(records: list[Record], existing: list[str]) -> list[str]:
-    """Give every named class one label, keeping the labels already stored; returns the class list."""
-    named = [r for r in records if r.class_name is not None]
-    if not named:
-        return existing
-    classes = list(existing)
-    if not classes:
-        by_label: dict[int, str] = {}
-        consistent = all(r.label is not None and by_label.setdefault(r.label, r.class_name) == r.class_name
-                         for r in named)
-        if consistent and len(set(by_label.values())) == len(by_label):
-            classes = [by_label.get(i, f"class_{i}") for i in range(max(by_label) + 1)]
-    index = {name: i for i, name in enumerate(classes)}
-    for rec in sorted(named, key=lambda r: r.class_name):
-        if rec.class_name not in index:
-            index[rec.class_name] = len(classes)
-            classes.append(rec.class_name)
-        rec.label = index[rec.class_name]
-    return classes
 
 
 def _extra_fields(records: list[Record]) -> list[pa.Field]:
@@ -160,19 +105,21 @@ def image_problem(rec: Record, exc: ImageProblem) -> Problem:
     return Problem(str(rec.image_path), None, f"{exc} (listed at {rec.source})")
 
 
-def _checked(rec: Record):
+def _checked(rec: Record, confine: bool, max_bytes: int):
     try:
-        return read_image(rec.image_path)
+        return read_image(rec.image_path, root=rec.root if confine else None, max_bytes=max_bytes)
     except ImageProblem as exc:
         return exc
 
 
-def _decoded(records: list[Record], workers: int, chunk: int) -> Iterator[tuple[Record, object]]:
+def _decoded(records: list[Record], workers: int, chunk: int, confine: bool = True,
+             max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[tuple[Record, object]]:
     """(record, ImageInfo or ImageProblem) in input order, decoding on ``workers`` threads."""
+    check = functools.partial(_checked, confine=confine, max_bytes=max_bytes)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(records), chunk):
             part = records[start : start + chunk]
-            yield from zip(part, pool.map(_checked, part))
+            yield from zip(part, pool.map(check, part))
 
 
 def ingest(
@@ -188,6 +135,8 @@ def ingest(
     fragment_rows: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    allow_outside_root: bool = False,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> IngestReport:
     """Ingest image-text sources into the Lance dataset at ``out`` (created, or appended to).
 
@@ -203,12 +152,14 @@ def ingest(
         fragment_rows: rows per Lance fragment (default: about 16 equal fragments, 16 to 1024 rows each).
         workers: threads decoding images (default: CPU count).
         progress: show a progress bar.
+        allow_outside_root: read images outside the images root (or the source's folder) too.
+        max_image_bytes: the largest image file read; a larger one is a problem.
 
     Returns:
         The report, also written beside the dataset.
 
     Raises:
-        DataError: unreadable sources, nothing to ingest, or any problem under ``strict``.
+        DataError: unreadable sources, a damaged dataset, nothing to ingest, or any problem under ``strict``.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -217,11 +168,35 @@ def ingest(
         raise DataError("--val-fraction and --test-fraction must be >= 0 and add up to less than 1")
     if fragment_rows is not None and fragment_rows < 1:
         raise DataError("--fragment-rows must be at least 1")
-    report = IngestReport(dataset=str(out), sources=[str(s) for s in sources])
+    if max_image_bytes < 1:
+        raise DataError("--max-image-bytes must be at least 1")
+    report = IngestReport(dataset=str(out), sources=[str(s) for s in sources],
+                          started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     records = collect_records([Path(s) for s in sources], fmt, images_root, report.problems)
     report.records = len(records)
 
-    existing = lance.dataset(str(out)) if out.exists() else None
+    def waiting() -> None:
+        print(f"waiting for another process writing to {out} ...", file=sys.stderr, flush=True)
+
+    with write_lock(out, on_wait=waiting):
+        options = dict(split=split, val_fraction=val_fraction, test_fraction=test_fraction, strict=strict,
+                       fragment_rows=fragment_rows, workers=workers or os.cpu_count() or 1, progress=progress,
+                       confine=not allow_outside_root, max_bytes=max_image_bytes)
+        ds = _ingest_locked(records, out, report, **options)
+        report.version_after = ds.version if ds is not None else None
+        report.seconds = time.perf_counter() - started
+        save_report(report, out)
+    if ds is None:
+        raise DataError(f"no usable images in {', '.join(map(str, sources))}; nothing written\n"
+                        + report.summary())
+    return report
+
+
+def _ingest_locked(records: list[Record], out: Path, report: IngestReport, *, split: str | None,
+                   val_fraction: float, test_fraction: float, strict: bool, fragment_rows: int | None,
+                   workers: int, progress: bool, confine: bool, max_bytes: int) -> lance.LanceDataset | None:
+    """The part of :func:`ingest` done under the dataset's write lock: read the stored ids, write, index."""
+    existing = open_dataset(out) if out.exists() else None
     if existing is not None:
         report.version_before = existing.version
         stored = set(existing.to_table(columns=["id"]).column("id").to_pylist())
@@ -231,28 +206,24 @@ def ingest(
         rec.split = split or rec.split or hash_split(rec.id, val_fraction, test_fraction)
 
     old_classes = class_names(existing.schema) if existing is not None else []
-    classes = _assign_classes(records, old_classes)
+    records, classes = assign_classes(records, old_classes, report.problems)
+    fragment_rows = fragment_rows or auto_fragment_rows(len(records))
+    decoded = functools.partial(_decoded, workers=workers, chunk=max(32, workers * 8), confine=confine,
+                                max_bytes=max_bytes)
+    if strict:
+        _refuse_on_problems(decoded(records), report, out)
     if existing is not None:
+        existing = _add_extra_columns(out, existing, _extra_fields(records))
         schema = existing.schema
-        new_fields = [f for f in _extra_fields(records) if f.name not in schema.names]
-        if new_fields:  # a column of nulls for the rows already stored
-            existing.add_columns(new_fields)
-            existing = lance.dataset(str(out))
-            schema = existing.schema
     else:
         meta = {"vlkit.classes": json.dumps(classes)} if classes else {}
         schema = build_schema(_extra_fields(records), meta)
-
-    workers = workers or os.cpu_count() or 1
-    fragment_rows = fragment_rows or auto_fragment_rows(len(records))
-    if strict:
-        _refuse_on_problems(records, workers, report, out)
 
     bar = tqdm(total=len(records), unit="rows", desc="ingest", disable=not progress, dynamic_ncols=True)
 
     def batches() -> Iterator[pa.RecordBatch]:
         rows: list[dict] = []
-        for rec, image in _decoded(records, workers, chunk=max(32, workers * 8)):
+        for rec, image in decoded(records):
             bar.update(1)
             if isinstance(image, ImageProblem):
                 report.problems.append(image_problem(rec, image))
@@ -270,24 +241,35 @@ def ingest(
         _write(out, schema, batches(), existing, fragment_rows)
     finally:
         bar.close()
-    ds = lance.dataset(str(out)) if out.exists() else None
+    ds = open_dataset(out) if out.exists() else None
     if ds is not None and report.rows_added:
         if classes != old_classes and existing is not None:
-            ds.update_schema_metadata({"vlkit.classes": json.dumps(classes)})
-        ds.create_scalar_index("id", "BTREE", replace=True)
-        ds.create_scalar_index("split", "BITMAP", replace=True)
-        ds = lance.dataset(str(out))
-    report.version_after = ds.version if ds is not None else None
-    report.seconds = time.perf_counter() - started
-    save_report(report, out)
-    if ds is None:
-        raise DataError(f"no usable images in {', '.join(map(str, sources))}; nothing written\n"
-                        + report.summary())
-    return report
+            retry_on_conflict(lambda: open_dataset(out).update_schema_metadata({"vlkit.classes": json.dumps(classes)}),
+                              out, "the class names were saved")
+        for column, kind in (("id", "BTREE"), ("split", "BITMAP")):
+            retry_on_conflict(lambda: open_dataset(out).create_scalar_index(column, kind, replace=True),
+                              out, f"the {column} index was refreshed")
+        ds = open_dataset(out)
+    return ds
 
 
-def _refuse_on_problems(records: list[Record], workers: int, report: IngestReport, out: Path) -> None:
-    for rec, image in _decoded(records, workers, chunk=max(32, workers * 8)):
+def _add_extra_columns(out: Path, existing: lance.LanceDataset, fields: list[pa.Field]) -> lance.LanceDataset:
+    """Add the extra columns the stored rows lack (nulls for them); retried if another process commits first."""
+    if not [f for f in fields if f.name not in existing.schema.names]:
+        return existing
+
+    def add() -> lance.LanceDataset:
+        ds = open_dataset(out)
+        new = [f for f in fields if f.name not in ds.schema.names]
+        if new:
+            ds.add_columns(new)
+        return open_dataset(out)
+
+    return retry_on_conflict(add, out, "new columns were added")
+
+
+def _refuse_on_problems(decoded: Iterator[tuple[Record, object]], report: IngestReport, out: Path) -> None:
+    for rec, image in decoded:
         if isinstance(image, ImageProblem):
             report.problems.append(image_problem(rec, image))
     if report.problems:
@@ -303,14 +285,20 @@ def _write(out: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch], exis
     peek = _Peekable(iter(batches))
     if peek.empty():
         return
-    lance.write_dataset(
-        peek.reader(schema),
-        existing if existing is not None else str(out),
-        schema=schema,
-        mode="create" if existing is None else "append",
-        max_rows_per_file=fragment_rows,
-        max_rows_per_group=min(fragment_rows, 1024),
-    )
+    try:
+        lance.write_dataset(
+            peek.reader(schema),
+            existing if existing is not None else str(out),
+            schema=schema,
+            mode="create" if existing is None else "append",
+            max_rows_per_file=fragment_rows,
+            max_rows_per_group=min(fragment_rows, 1024),
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        if not is_commit_conflict(exc):
+            raise
+        raise DataError(f"{out}: another process changed the dataset during this ingest, so nothing was added; "
+                        "run the ingest again (images already stored are skipped)") from None
 
 
 class _Peekable:
@@ -329,13 +317,3 @@ class _Peekable:
             yield from self._it
 
         return pa.RecordBatchReader.from_batches(schema, gen())
-
-
-def save_report(report: IngestReport, out: Path) -> Path:
-    """Write the report JSON beside the dataset (temporary file, then rename)."""
-    path = report_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    os.replace(tmp, path)
-    return path

@@ -22,6 +22,7 @@ class Record:
         answers: for each question, the human answers (one or several).
         split: the split the source assigns, or None to derive it from the id.
         extra: any further fields of the source, stored as extra columns.
+        root: the folder the image must lie in (the images root, or the source's folder), or None.
     """
 
     id: str
@@ -34,6 +35,7 @@ class Record:
     answers: list[list[str]] = field(default_factory=list)
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
 
     def merge(self, other: "Record") -> None:
         """Fold another record of the same image (e.g. its VQA questions) into this one."""

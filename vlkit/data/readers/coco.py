@@ -9,7 +9,7 @@ from typing import Iterator
 from vlkit.data.records import Problem, Record
 from vlkit.errors import DataError
 
-from .common import bad_text, image_id, images_root_for, load_json
+from .common import bad_text, confinement_root, image_id, images_root_for, load_json
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
@@ -37,7 +37,8 @@ def read_coco(path: Path, images_root: Path | None, problems: list[Problem]) -> 
         extra = {k: im[k] for k in ("coco_url", "flickr_url", "license", "date_captured") if k in im}
         extra["coco_id"] = im["id"]
         by_coco_id[im["id"]] = Record(
-            id=image_id(image_path, root), image_path=image_path, source=f"{path}:{where}", extra=extra
+            id=image_id(image_path, root), image_path=image_path, source=f"{path}:{where}", extra=extra,
+            root=confinement_root(path, images_root),
         )
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
@@ -72,6 +73,7 @@ def _read_karpathy(
             image_path=image_path,
             source=f"{path}:{where}",
             split=KARPATHY_SPLITS.get(im.get("split", ""), im.get("split")),
+            root=confinement_root(path, images_root),
         )
         for j, sentence in enumerate(im.get("sentences", [])):
             text = sentence.get("raw") if isinstance(sentence, dict) else sentence

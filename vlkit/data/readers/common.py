@@ -27,6 +27,11 @@ def images_root_for(source: Path, images_root: Path | None, first_name: str | No
     return base
 
 
+def confinement_root(source: Path, images_root: Path | None) -> Path:
+    """The folder every image named by ``source`` must lie in: ``images_root``, else the source's folder."""
+    return images_root if images_root is not None else source.parent
+
+
 def image_id(path: Path, root: Path) -> str:
     """The stable id of an image: its path relative to the images root, with forward slashes."""
     try:

@@ -1,4 +1,8 @@
-"""Image folders as classes: ``root/<class>/<image>``; labels follow the sorted class names."""
+"""Image folders as classes: ``root/<class>/<image>``.
+
+The reader names each image's class; labels are given at ingest, new class names in sorted order after the
+classes the dataset already holds (so a new dataset's labels follow the sorted class names).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ def read_folder(path: Path, images_root: Path | None, problems: list[Problem]) -
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{path}: no class folders found (expected {path}/<class>/<image>)")
-    for label, name in enumerate(classes):
+    for name in classes:
         for file in sorted((path / name).iterdir()):
             if file.name.startswith(".") or file.is_dir():
                 continue
@@ -22,6 +26,6 @@ def read_folder(path: Path, images_root: Path | None, problems: list[Problem]) -
                 image_path=file,
                 source=str(file),
                 captions=[],
-                label=label,
                 class_name=name,
+                root=path,
             )

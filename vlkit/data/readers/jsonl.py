@@ -1,8 +1,8 @@
 """JSONL, one object per image: ``{"image": path, "text": str or [str], ...extra fields}``.
 
-Known keys: ``image`` (required), ``text``/``caption``/``captions``, ``id``, ``label``, ``class_name``,
-``questions`` with ``answers`` (one list of answers per question), ``split``. Other keys become extra
-columns.
+Known keys: ``image`` (required), ``text``/``caption``/``captions``, ``id``, ``label`` (kept as given),
+``class_name``, ``questions`` with ``answers`` (one list of answers per question), ``split``. Other keys
+become extra columns.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any, Iterator
 
 from vlkit.data.records import Problem, Record
 
-from .common import bad_text, image_id, images_root_for
+from .common import bad_text, confinement_root, image_id, images_root_for
 
 TEXT_KEYS = ("text", "caption", "captions")
+MAX_LABEL = 1_000_000  # labels index the class list kept in the dataset's metadata
 KNOWN = {"image", "id", "label", "class_name", "questions", "answers", "split", *TEXT_KEYS}
 
 
@@ -80,15 +81,23 @@ def _record(
     if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
         problems.append(Problem(str(path), line_no, f"label must be an integer, found {label!r}"))
         return None
+    if label is not None and not 0 <= label <= MAX_LABEL:
+        problems.append(Problem(str(path), line_no, f"label must be between 0 and {MAX_LABEL}, found {label}"))
+        return None
+    class_name = obj.get("class_name")
+    if class_name is not None and (not isinstance(class_name, str) or not class_name.strip()):
+        problems.append(Problem(str(path), line_no, f"class_name must be a non-empty string, found {class_name!r}"))
+        return None
     return Record(
         id=str(obj["id"]) if obj.get("id") is not None else image_id(image_path, base),
         image_path=image_path,
         source=f"{path}:{line_no}",
         captions=captions,
         label=label,
-        class_name=obj.get("class_name"),
+        class_name=class_name,
         questions=[str(q) for q in questions],
         answers=answers,
         split=obj.get("split"),
         extra={k: v for k, v in obj.items() if k not in KNOWN},
+        root=confinement_root(path, images_root),
     )

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from vlkit.data.records import Problem, Record
 from vlkit.errors import DataError
 
-from .common import IMAGE_SUFFIXES, bad_text, image_id, images_root_for, load_json
+from .common import IMAGE_SUFFIXES, bad_text, confinement_root, image_id, images_root_for, load_json
 
 
 def _answers(entry: dict) -> list[str]:
@@ -87,7 +87,8 @@ def read_vqa(path: Path, images_root: Path | None, problems: list[Problem]) -> I
             problems.append(Problem(str(path), where, f"no image for this question ({entry.get('image_id')})"))
             continue
         key = image_id(image_path, root)
-        rec = records.setdefault(key, Record(id=key, image_path=image_path, source=f"{path}:{where}"))
+        rec = records.setdefault(key, Record(id=key, image_path=image_path, source=f"{path}:{where}",
+                                             root=confinement_root(path, images_root)))
         rec.questions.append(entry["question"].strip())
         rec.answers.append(answers)
     yield from records.values()

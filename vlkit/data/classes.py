@@ -1,0 +1,74 @@
+"""Class labels at ingest: labels a source gives are kept as given; names without a label get one.
+
+A dataset keeps its class names by label in its schema metadata (``vlkit.classes``). A source's
+``label``/``class_name`` pairs must agree with each other and with the classes already stored: a label number
+with two different names, or one name under two label numbers, is a problem and the rows that disagree with
+the first pairing seen (or the stored one) are skipped. Class names without a label (class folders) keep the
+label stored for that name, or get the next free labels in sorted name order.
+"""
+
+from __future__ import annotations
+
+from vlkit.data.records import Problem, Record
+
+
+def placeholder(label: int) -> str:
+    """The name kept for a label no class name has been given for."""
+    return f"class_{label}"
+
+
+def assign_classes(records: list[Record], stored: list[str], problems: list[Problem]) -> tuple[list[Record], list[str]]:
+    """Check the given labels, label the named classes, and return the usable records and the class list.
+
+    Args:
+        records: the new records (their ``label`` may be set by the source, or None).
+        stored: the class names by label already stored in the dataset.
+        problems: where a record whose label and name disagree is reported.
+
+    Returns:
+        The records that agree, labelled; and the class names by label (gaps named ``class_<i>``).
+    """
+    names: dict[int, str] = {i: n for i, n in enumerate(stored) if n != placeholder(i)}
+    labels: dict[str, int] = {}
+    for i, name in names.items():
+        labels.setdefault(name, i)
+    where: dict[object, str] = {}  # label or name -> where it was first given
+    usable = []
+    for rec in records:
+        if rec.label is None or rec.class_name is None:
+            usable.append(rec)
+            continue
+        reason = _disagreement(rec, names, labels, where)
+        if reason:
+            problems.append(Problem(rec.source, None, reason))
+            continue
+        names[rec.label] = rec.class_name
+        labels[rec.class_name] = rec.label
+        where.setdefault(rec.label, rec.source)
+        where.setdefault(rec.class_name, rec.source)
+        usable.append(rec)
+    unlabelled = sorted({r.class_name for r in usable if r.label is None and r.class_name is not None})
+    for name in unlabelled:
+        if name not in labels:
+            labels[name] = names_end = max(names, default=-1) + 1
+            names[names_end] = name
+    for rec in usable:
+        if rec.label is None and rec.class_name is not None:
+            rec.label = labels[rec.class_name]
+    if not names:
+        return usable, list(stored)
+    size = max(max(names) + 1, len(stored))
+    return usable, [names.get(i, placeholder(i)) for i in range(size)]
+
+
+def _disagreement(rec: Record, names: dict[int, str], labels: dict[str, int], where: dict[object, str]) -> str | None:
+    """Why ``rec``'s label and name disagree with the pairs seen so far, or None."""
+    known = names.get(rec.label)
+    if known is not None and known != rec.class_name:
+        seen = f"at {where[rec.label]}" if rec.label in where else "in the dataset"
+        return f"label {rec.label} is named {rec.class_name!r} here but {known!r} {seen}"
+    other = labels.get(rec.class_name)
+    if other is not None and other != rec.label:
+        seen = f"at {where[rec.class_name]}" if rec.class_name in where else "in the dataset"
+        return f"class {rec.class_name!r} has label {rec.label} here but label {other} {seen}"
+    return None
