@@ -39,6 +39,10 @@ class Range:
             return False
         return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
 
+    @staticmethod
+    def _number(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
     def describe(self, name: str) -> str:
         """How the range reads in an error message for key ``name``: ``positive``, ``between 0 and 1 (...)``."""
         note = f" ({self.note})" if self.note else ""
@@ -47,13 +51,13 @@ class Range:
                 return f"positive{note}"
             if self.lo == 0:
                 return f"non-negative{note}"
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}{note}"
-        low = f"{self.lo:g} {'<' if self.lo_open else '<='} " if self.lo is not None else ""
-        high = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+            return f"{'>' if self.lo_open else '>='} {self._number(self.lo)}{note}"
+        low = f"{self._number(self.lo)} {'<' if self.lo_open else '<='} " if self.lo is not None else ""
+        high = f"{'<' if self.hi_open else '<='} {self._number(self.hi)}"
         inside = f"{low}{name} {high}" + (f", {self.note}" if self.note else "")
         if self.lo is None:
-            return f"at most {self.hi:g} ({inside})"
-        return f"between {self.lo:g} and {self.hi:g} ({inside})"
+            return f"at most {self._number(self.hi)} ({inside})"
+        return f"between {self._number(self.lo)} and {self._number(self.hi)} ({inside})"
 
 
 def ranged(default: Any = None, *, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
