@@ -42,8 +42,10 @@ class Record:
         self.captions.extend(c for c in other.captions if c not in self.captions)
         self.questions.extend(other.questions)
         self.answers.extend(other.answers)
-        if self.label is None:
+        if self.label is None and self.class_name is None:
             self.label, self.class_name = other.label, other.class_name
+        elif self.label is None and other.class_name == self.class_name:  # a class folder named as the source does
+            self.label = other.label
         if self.split is None:
             self.split = other.split
         for key, value in other.extra.items():
