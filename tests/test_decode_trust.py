@@ -21,6 +21,7 @@ from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.rows import RowError
 from vlkit.data.schema import build_schema, rows_to_table
 from vlkit.data.sheet import contact_sheet
+from vlkit.data.store import DamagedDataset
 from vlkit.data.transforms import ImageTransform
 from vlkit.errors import VlkitError
 from vlkit.eval.thumbnails import split_thumbnails
@@ -144,8 +145,8 @@ def test_missing_data_file_is_one_error_naming_it(tmp_path):
     ds = LanceImageTextDataset(path, "train", ImageTransform(16), captions="first")
     files = sorted(f.data_files()[0].path for f in lance.dataset(str(path)).get_fragments())
     (path / "data" / files[1]).unlink()
-    with pytest.raises(RowError, match=rf"^{path}: data file {files[1]} is missing"):
-        ds.__getitems__([0, 3])
+    with pytest.raises(DamagedDataset, match=rf"^{path}: the dataset is damaged: data file {files[1]} is missing"):
+        ds.__getitems__([0, 3])  # opened before the file went: the failed read names it
     with pytest.raises(VlkitError, match=rf"^{path}: .*data file {files[1]} is missing"):
         LanceImageTextDataset(path, "train", ImageTransform(16), captions="first")
     with pytest.raises(VlkitError, match=rf"^{path}: .*data file {files[1]} is missing"):

@@ -12,7 +12,10 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+import lance
+
 from vlkit.data.decode import ImageDecodeError
+from vlkit.data.store import DamagedDataset, damaged_error, missing_data_files
 from vlkit.errors import DataError
 
 _NOT_FOUND = re.compile(r"Not found: (\S+?)(?:,|\s|$)")
@@ -28,6 +31,10 @@ class RowError(DataError):
 
     def __init__(self, message: str):
         super().__init__(_original_message(message, type(self)))
+
+
+class DamagedRows(RowError, DamagedDataset):
+    """Rows of a dataset cannot be read because a data file is missing; the message names the file."""
 
 
 def _original_message(message: str, cls: type) -> str:
@@ -66,13 +73,19 @@ def reading(dataset: str | Path) -> Iterator[None]:
 
 
 def missing_file_error(dataset: str | Path, exc: Exception) -> RowError:
-    """A :class:`RowError` for a Lance read of ``dataset`` that failed with ``exc``."""
+    """A :class:`RowError` for a Lance read of ``dataset`` that failed with ``exc``: a
+    :class:`DamagedRows` naming the missing data files when some are gone (as
+    :func:`vlkit.data.store.check_data_files` words it)."""
     text = str(exc)
+    try:
+        missing = missing_data_files(lance.dataset(str(dataset)))
+    except (OSError, ValueError, RuntimeError):
+        missing = []
     found = _NOT_FOUND.search(text)
-    if found:
+    if not missing and found:
         file = Path(found.group(1))
-        where = Path(dataset) / "data" / file.name if file.parent.name == "data" else file
-        return RowError(f"{dataset}: data file {file.name} is missing ({where}); the dataset is damaged: "
-                        f"restore the file or ingest the data again")
+        missing = [Path(dataset) / "data" / file.name if file.parent.name == "data" else file]
+    if missing:
+        return DamagedRows(str(damaged_error(dataset, missing)))
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return RowError(f"{dataset}: cannot read rows ({first})")
