@@ -179,3 +179,18 @@ def test_write_embeddings_is_one_commit_that_replaces_the_columns(tmp_path):
         assert [b for _, b in ds.read_blobs("image", indices=list(range(5)))] == images
         assert data_files <= {d.path for f in ds.get_fragments() for d in f.data_files()}  # images not rewritten
         ds.validate()
+
+
+def test_pixel_limit_from_environment_is_validated(monkeypatch):
+    from vlkit.data.decode import max_pixels, set_max_pixels
+    from vlkit.errors import VlkitError
+
+    set_max_pixels(None)
+    monkeypatch.setenv("VLKIT_MAX_PIXELS", "many")
+    with pytest.raises(VlkitError, match="VLKIT_MAX_PIXELS='many' is not a number"):
+        max_pixels()
+    monkeypatch.setenv("VLKIT_MAX_PIXELS", "0")
+    with pytest.raises(VlkitError, match="must be at least 1"):
+        max_pixels()
+    monkeypatch.setenv("VLKIT_MAX_PIXELS", "2.5e6")
+    assert max_pixels() == 2_500_000

@@ -14,6 +14,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from vlkit.errors import VlkitError
+
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
 ENV_VAR = "VLKIT_MAX_PIXELS"
 
@@ -48,9 +50,9 @@ def max_pixels() -> int:
         try:
             limit = int(float(value))
         except ValueError:
-            raise ImageDecodeError(f"{ENV_VAR}={value!r} is not a number of pixels") from None
+            raise VlkitError(f"{ENV_VAR}={value!r} is not a number of pixels") from None
         if limit < 1:
-            raise ImageDecodeError(f"{ENV_VAR}={value!r} must be at least 1")
+            raise VlkitError(f"{ENV_VAR}={value!r} must be at least 1")
         return limit
     return DEFAULT_MAX_PIXELS
 
