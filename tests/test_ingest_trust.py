@@ -128,19 +128,22 @@ def test_user_labels_are_kept_and_disagreements_reported(tmp_path):
     table = ds.to_table(columns=["id", "label", "class_name"]).to_pylist()
     rows = {r["id"]: (r["label"], r["class_name"]) for r in table}
     assert rows == {"images/0.jpg": (0, "zebra"), "images/1.jpg": (1, "ant"), "images/2.jpg": (2, "crane"),
-                    "images/3.jpg": (0, "zebra"), "images/6.jpg": (4, None)}
+                    "images/3.jpg": (0, "zebra"), "images/4.jpg": (5, "crane"), "images/6.jpg": (4, None)}
     from vlkit.data.schema import class_names
 
-    assert class_names(ds.schema) == ["zebra", "ant", "crane"]
-    text = "\n".join(map(str, report.problems))
-    assert f"{src}:5: class 'crane' has label 5 here but label 2 at {src}:3" in text
-    assert f"{src}:6: label 1 is named 'bee' here but 'ant' at {src}:2" in text
+    # both cranes are kept under their own labels (ImageNet's 1000 classes stay 1000), the clash is noticed
+    assert class_names(ds.schema) == ["zebra", "ant", "crane", "class_3", "class_4", "crane"]
+    assert [str(p) for p in report.notices] == [
+        f"{src}:5: class 'crane' has label 5 here and label 2 at {src}:3: both kept, but prompts built from class "
+        "names cannot tell them apart"]
+    assert [str(p) for p in report.problems] == [f"{src}:6: label 1 is named 'bee' here but 'ant' at {src}:2"]
+    assert "kept, but note (1)" in report.summary()
 
     more = tmp_path / "m.jsonl"  # appending: new labels extend the classes, the stored ones still bind
     more.write_text(json.dumps({"image": "images/7.jpg", "text": "x", "label": 4, "class_name": "yak"}) + "\n"
                     + json.dumps({"image": "images/5.jpg", "text": "x", "label": 0, "class_name": "horse"}) + "\n")
     report = ingest([more], out, progress=False)
-    assert class_names(lance.dataset(str(out)).schema) == ["zebra", "ant", "crane", "class_3", "yak"]
+    assert class_names(lance.dataset(str(out)).schema) == ["zebra", "ant", "crane", "class_3", "yak", "crane"]
     assert [p.reason for p in report.problems] == ["label 0 is named 'horse' here but 'zebra' in the dataset"]
 
 

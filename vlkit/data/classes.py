@@ -2,8 +2,10 @@
 
 A dataset keeps its class names by label in its schema metadata (``vlkit.classes``). A source's
 ``label``/``class_name`` pairs must agree with each other and with the classes already stored: a label number
-with two different names, or one name under two label numbers, is a problem and the rows that disagree with
-the first pairing seen (or the stored one) are skipped. Class names without a label (class folders) keep the
+with two different names is a problem and the rows that disagree with the first pairing seen (or the stored
+one) are skipped. One name under two label numbers (ImageNet has two classes called "crane") keeps both
+classes and their rows as given, and is reported as a notice: prompts built from class names cannot tell them
+apart. Class names without a label (class folders) keep the
 label stored for that name, or get the next free labels in sorted name order.
 """
 
@@ -17,13 +19,15 @@ def placeholder(label: int) -> str:
     return f"class_{label}"
 
 
-def assign_classes(records: list[Record], stored: list[str], problems: list[Problem]) -> tuple[list[Record], list[str]]:
+def assign_classes(records: list[Record], stored: list[str], problems: list[Problem],
+                   notices: list[Problem] | None = None) -> tuple[list[Record], list[str]]:
     """Check the given labels, label the named classes, and return the usable records and the class list.
 
     Args:
         records: the new records (their ``label`` may be set by the source, or None).
         stored: the class names by label already stored in the dataset.
         problems: where a record whose label and name disagree is reported.
+        notices: where a class name shared by two labels is reported (once per name and label).
 
     Returns:
         The records that agree, labelled; and the class names by label (gaps named ``class_<i>``).
@@ -33,17 +37,26 @@ def assign_classes(records: list[Record], stored: list[str], problems: list[Prob
     for i, name in names.items():
         labels.setdefault(name, i)
     where: dict[object, str] = {}  # label or name -> where it was first given
+    shared: set[tuple[str, int]] = set()  # (name, label) pairs already noticed
     usable = []
     for rec in records:
         if rec.label is None or rec.class_name is None:
             usable.append(rec)
             continue
-        reason = _disagreement(rec, names, labels, where)
+        reason = _disagreement(rec, names, where)
         if reason:
             problems.append(Problem(rec.source, None, reason))
             continue
+        other = labels.get(rec.class_name)
+        if other is not None and other != rec.label and (rec.class_name, rec.label) not in shared:
+            shared.add((rec.class_name, rec.label))
+            seen = f"at {where[rec.class_name]}" if rec.class_name in where else "in the dataset"
+            if notices is not None:
+                notices.append(Problem(rec.source, None, f"class {rec.class_name!r} has label {rec.label} here and "
+                                       f"label {other} {seen}: both kept, but prompts built from class names "
+                                       "cannot tell them apart"))
         names[rec.label] = rec.class_name
-        labels[rec.class_name] = rec.label
+        labels.setdefault(rec.class_name, rec.label)
         where.setdefault(rec.label, rec.source)
         where.setdefault(rec.class_name, rec.source)
         usable.append(rec)
@@ -61,14 +74,10 @@ def assign_classes(records: list[Record], stored: list[str], problems: list[Prob
     return usable, [names.get(i, placeholder(i)) for i in range(size)]
 
 
-def _disagreement(rec: Record, names: dict[int, str], labels: dict[str, int], where: dict[object, str]) -> str | None:
+def _disagreement(rec: Record, names: dict[int, str], where: dict[object, str]) -> str | None:
     """Why ``rec``'s label and name disagree with the pairs seen so far, or None."""
     known = names.get(rec.label)
     if known is not None and known != rec.class_name:
         seen = f"at {where[rec.label]}" if rec.label in where else "in the dataset"
         return f"label {rec.label} is named {rec.class_name!r} here but {known!r} {seen}"
-    other = labels.get(rec.class_name)
-    if other is not None and other != rec.label:
-        seen = f"at {where[rec.class_name]}" if rec.class_name in where else "in the dataset"
-        return f"class {rec.class_name!r} has label {rec.label} here but label {other} {seen}"
     return None

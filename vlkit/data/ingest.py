@@ -206,7 +206,7 @@ def _ingest_locked(records: list[Record], out: Path, report: IngestReport, *, sp
         rec.split = split or rec.split or hash_split(rec.id, val_fraction, test_fraction)
 
     old_classes = class_names(existing.schema) if existing is not None else []
-    records, classes = assign_classes(records, old_classes, report.problems)
+    records, classes = assign_classes(records, old_classes, report.problems, report.notices)
     fragment_rows = fragment_rows or auto_fragment_rows(len(records))
     decoded = functools.partial(_decoded, workers=workers, chunk=max(32, workers * 8), confine=confine,
                                 max_bytes=max_bytes)

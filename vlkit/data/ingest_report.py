@@ -27,6 +27,7 @@ class IngestReport:
     rows_added: int = 0
     rows_existing: int = 0
     problems: list[Problem] = field(default_factory=list)
+    notices: list[Problem] = field(default_factory=list)  # kept as given, but worth knowing
     seconds: float = 0.0
     started_at: str = ""
     pid: int = field(default_factory=os.getpid)
@@ -38,6 +39,7 @@ class IngestReport:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["problems"] = [asdict(p) for p in self.problems]
+        out["notices"] = [asdict(p) for p in self.notices]
         out["rows_per_second"] = round(self.rows_per_second, 1)
         return out
 
@@ -53,6 +55,11 @@ class IngestReport:
             lines += [f"  {p}" for p in self.problems[:max_problems]]
             if len(self.problems) > max_problems:
                 lines.append(f"  ... and {len(self.problems) - max_problems} more (see the report file)")
+        if self.notices:
+            lines.append(f"kept, but note ({len(self.notices)}):")
+            lines += [f"  {p}" for p in self.notices[:max_problems]]
+            if len(self.notices) > max_problems:
+                lines.append(f"  ... and {len(self.notices) - max_problems} more (see the report file)")
         return "\n".join(lines)
 
 
