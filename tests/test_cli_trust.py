@@ -72,11 +72,12 @@ def test_building_the_parser_imports_no_heavy_module():
 
 
 def test_defaults_repeated_for_the_help_match_their_source():
-    from vlkit.cli import index
-    from vlkit.data import decode
+    from vlkit.cli import index, ingest
+    from vlkit.data import decode, images
     from vlkit.search import index as search_index
 
     assert index.DEFAULT_ANN_THRESHOLD == search_index.DEFAULT_ANN_THRESHOLD
+    assert ingest.DEFAULT_MAX_IMAGE_BYTES == images.DEFAULT_MAX_IMAGE_BYTES
     assert cli.DEFAULT_MAX_PIXELS == decode.DEFAULT_MAX_PIXELS
 
 
