@@ -241,3 +241,23 @@ def test_every_task_declares_the_columns_it_reads():
     assert task_reads(TaskConfig(name="vqa", dataset="d")) == ["questions", "answers"]
     assert task_reads(TaskConfig(name="classification", dataset="d")) == ["label", "captions"]
     assert task_reads(TaskConfig(name="classification", dataset="d", prompt="which?")) == ["label"]
+
+
+def test_a_dataset_with_a_missing_data_file_fails_before_the_first_step(unlabelled, tmp_path):
+    import shutil
+
+    from vlkit.tasks.preflight import DatasetCheckError
+
+    damaged = tmp_path / "damaged.lance"
+    shutil.copytree(unlabelled, damaged)
+    victim = sorted((damaged / "data").iterdir())[0]
+    victim.unlink()
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"datasets={{d: {{path: {damaged}}}}}", "tasks=[{name: retrieval, dataset: d}]",
+                             f"output_dir={run}", *EXACT_STEP, "model.name=clip-tiny"])
+    with pytest.raises(DatasetCheckError) as excinfo:
+        Trainer(cfg)
+    assert len(excinfo.value.problems) == 1
+    assert excinfo.value.problems[0].startswith(f"datasets.d.path: {damaged}: the dataset is damaged: data file "
+                                                f"{victim.name} is missing")
+    assert not run.exists()

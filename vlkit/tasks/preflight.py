@@ -69,6 +69,11 @@ def check_dataset(key: str, data: DatasetConfig, tasks: Sequence[TaskConfig]) ->
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return [f"{where}.path: {path}: not a Lance dataset made by 'vlkit ingest' ({first})"]
+    from vlkit.data.store import damaged_error, missing_data_files
+
+    missing = missing_data_files(ds)
+    if missing:
+        return [f"{where}.path: {damaged_error(path, missing)}"]
     if "split" not in names:
         return [f"{where}.path: {path}: has no 'split' column; is it a dataset made by 'vlkit ingest'?"]
     problems: list[str] = []
