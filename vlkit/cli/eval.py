@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images of the split")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
-    p.add_argument("--report", metavar="DIR", help="also write an HTML report (DIR/index.html with figures)")
+    p.add_argument("--report", metavar="DIR", help="also write an HTML report (DIR/index.html with figures); an "
+                   "existing DIR is replaced only when it is an earlier report")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -78,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``vlkit eval``."""
     from vlkit.eval.evaluate import evaluate
 
+    if args.report:  # before the evaluation: a report that could not be written is known at once
+        from vlkit.utils.fs import check_output_dir
+
+        check_output_dir(args.report, "report", inputs=[args.data, args.model], what="--report")
     templates = None
     if args.templates:
         if args.task != "zeroshot":

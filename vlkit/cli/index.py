@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", help="run directory, model directory or checkpoint")
     p.add_argument("--data", required=True, help="the Lance dataset")
-    p.add_argument("--out", required=True, help="index directory to write (replaced only once complete)")
+    p.add_argument("--out", required=True,
+                   help="index directory to write; an existing one is replaced (once the new one is complete) "
+                   "only when it is an earlier vlkit index, never a folder of other files or an input")
     p.add_argument("--split", help="index only this split (default: every row)")
     p.add_argument("--ann-threshold", type=int, default=DEFAULT_ANN_THRESHOLD,
                    help=f"rows from which an approximate index is built (default {DEFAULT_ANN_THRESHOLD})")
@@ -35,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``vlkit index``."""
     from vlkit.search.index import build_index
     from vlkit.search.loading import load_for_inference
+    from vlkit.utils.fs import check_output_dir
 
+    check_output_dir(args.out, "index", inputs=[args.data, args.run], what="--out")  # before any work
     loaded = load_for_inference(args.run)
     info = build_index(loaded, args.data, args.out, args.split, batch_size=args.batch_size,
                        ann_threshold=args.ann_threshold, num_workers=args.workers, progress=not args.no_progress)

@@ -1,7 +1,8 @@
 """A static HTML report of an evaluation: ``index.html`` with the metric tables, PNG figures beside it.
 
 The directory is filled in a temporary directory beside it and renamed into place, so a reader never sees a
-half-written report. An existing directory is replaced only when it is empty or an earlier report. Open
+half-written report. An existing directory is replaced only when it is empty or an earlier report
+(:func:`vlkit.utils.fs.atomic_directory`, kind ``report``). Open
 ``DIR/index.html`` in a browser; it needs nothing but the files next to it.
 
 * retrieval: recall@K and ranks both ways, the image x caption similarity matrix of a sample of images and
@@ -23,14 +24,13 @@ import torch
 
 from vlkit.eval import figures
 from vlkit.eval.evaluate import EvalResult, dataset_name
-from vlkit.errors import VlkitError
 from vlkit.eval.thumbnails import split_thumbnails
-from vlkit.utils.fs import atomic_directory
+from vlkit.utils.fs import REPORT_GENERATOR, atomic_directory
 
 MATRIX_IMAGES = 8
 EXAMPLE_QUERIES = 6
 TOP_K = 5
-GENERATOR = '<meta name="generator" content="vlkit eval">'
+GENERATOR = REPORT_GENERATOR
 
 _CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222; margin: 0;
@@ -188,11 +188,14 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
 
     Returns:
         The path of ``index.html``.
+
+    Raises:
+        VlkitError: ``out_dir`` holds something other than an earlier report, is the dataset or cannot be
+            written.
     """
     out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
     summary = result.summary()
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "report", inputs=[result.dataset], what="--report") as tmp:
         if result.task == "retrieval":
             body = _retrieval_body(result, tmp)
         elif result.task == "vqa":
@@ -202,19 +205,6 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "index.html").write_text(_page(result, body), encoding="utf-8")
     return out_dir / "index.html"
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace anything but an empty directory or an earlier report (it is deleted and rewritten)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise VlkitError(f"--report {out_dir}: exists and is not a directory")
-    index = out_dir / "index.html"
-    earlier = index.is_file() and GENERATOR in index.read_text(encoding="utf-8", errors="replace")[:2000]
-    if any(out_dir.iterdir()) and not earlier:
-        raise VlkitError(f"--report {out_dir}: the directory exists and is not an earlier vlkit eval report; "
-                         "name a new directory")
 
 
 def _page(result: EvalResult, body: str) -> str:

@@ -33,7 +33,7 @@ from vlkit.errors import VlkitError
 from vlkit.models.io import save_model
 from vlkit.search.embed import IMAGE_COLUMN, TEXT_COLUMN, Embeddings, compute_embeddings, read_embeddings
 from vlkit.search.loading import LoadedModel
-from vlkit.utils.fs import atomic_directory
+from vlkit.utils.fs import atomic_directory, check_output_dir
 
 INDEX_META = "index.json"
 IMAGES_TABLE = "images"
@@ -129,13 +129,19 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
                 batch_size: int = 64, ann_threshold: int = DEFAULT_ANN_THRESHOLD, num_workers: int = 0,
                 progress: bool = False) -> IndexInfo:
     """Embed ``split`` of ``dataset`` with ``loaded`` (or reuse the embeddings ``vlkit embed`` stored with
-    the same model) and write a LanceDB index to ``out``, replacing any index there only once complete.
+    the same model) and write a LanceDB index to ``out``, replacing an earlier index there only once complete.
 
     Returns:
         What was recorded in ``index.json``.
+
+    Raises:
+        VlkitError: ``out`` holds anything but an earlier index (files vlkit did not write, the dataset, the
+            current directory...), or cannot be written.
     """
     import lancedb
     from lancedb.index import BTree
+
+    check_output_dir(out, "index", inputs=[dataset])  # before the embeddings are computed
 
     emb = _stored_embeddings(loaded, dataset, split)
     if emb is None:
@@ -161,7 +167,7 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
         "vector": pa.FixedSizeListArray.from_arrays(
             pa.array(emb.text.numpy().astype(np.float32).ravel(), pa.float32()), dim),
     }, schema=pa.schema([("id", pa.string()), ("text", pa.string()), ("vector", vec)]))
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "index", inputs=[dataset]) as tmp:
         save_model(loaded.model, tmp / "model", loaded.tokenizer)
         db = lancedb.connect(str(tmp / "db"))
         image_table = db.create_table(IMAGES_TABLE, images)
