@@ -71,9 +71,8 @@ def load_for_inference(path: str | Path) -> LoadedModel:
 
 
 def _load_checkpoint(path: Path) -> LoadedModel:
-    import torch
-
     from vlkit.config.load import load_config
+    from vlkit.train.checkpoint import STATE_NAME, load_checkpoint
     from vlkit.train.distributed import DistInfo
     from vlkit.train.model_setup import build_model_and_tokenizer
 
@@ -81,11 +80,11 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     config = run_dir / "config.yaml"
     if not config.exists():
         raise VlkitError(f"{path}: checkpoint without its run's config ({config} is missing)")
+    state = load_checkpoint(path)  # checked against its manifest; tensors and plain values only
     cfg = load_config(config)
     model, tokenizer = build_model_and_tokenizer(cfg, DistInfo())
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
         raise VlkitError(f"{path}: checkpoint does not match {config}: {str(exc).splitlines()[0]}") from None
-    return LoadedModel(model.eval(), tokenizer, path, _fingerprint(path / "state.pt"))
+    return LoadedModel(model.eval(), tokenizer, path, _fingerprint(path / STATE_NAME))

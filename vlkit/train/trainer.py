@@ -24,14 +24,15 @@ from vlkit.tasks import build_task
 from vlkit.tasks.preflight import check_datasets
 from vlkit.tasks.retrieval import unwrap
 from vlkit.train import distributed as D
-from vlkit.train.checkpoint import (load_checkpoint, resolve_checkpoint, rng_states, save_checkpoint,
-                                    set_rng_states)
+from vlkit.train.checkpoint import (open_resume_checkpoint, remove_partial_checkpoints, rng_states,
+                                    save_checkpoint, set_rng_states)
 from vlkit.train.mfu import measure_step_flops, step_mfu
 from vlkit.train.model_setup import build_model_and_tokenizer
 from vlkit.train.nonfinite import non_finite, nonfinite_error
 from vlkit.train.optim import build_optimizer, build_scheduler, group_lrs
-from vlkit.train.runlog import RunLog, environment
+from vlkit.train.runlog import RunLog, check_new_run_dir, environment
 from vlkit.utils.flops import peak_flops
+from vlkit.utils.fs import write_marker
 
 
 def seed_everything(seed: int) -> None:
@@ -130,6 +131,8 @@ class Trainer:
                              f"x grad_accum {cfg.grad_accum}")
         self.per_rank_batch = cfg.batch_size // self.dist.world_size
         self.run_dir = Path(cfg.output_dir)
+        if not cfg.resume and self.dist.is_main:
+            check_new_run_dir(self.run_dir)  # before any work: a new run never writes into an old one
         check_datasets(cfg)  # every dataset, split and column the tasks read, before any work or writing
         seed_everything(cfg.seed)
         self.model, self.tokenizer = build_model_and_tokenizer(cfg, self.dist)
@@ -187,13 +190,17 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.log = RunLog(self.run_dir, cfg.tensorboard) if self.dist.is_main else None
         if cfg.resume:
-            self._resume(resolve_checkpoint(cfg.resume, self.run_dir))
+            if self.dist.is_main:
+                remove_partial_checkpoints(self.run_dir)  # what an interrupted save left behind
+            self._resume(*open_resume_checkpoint(cfg.resume, self.run_dir))
         elif self.dist.is_main:
             self._start_run_dir()
 
     # ------------------------------------------------------------------ run directory
     def _start_run_dir(self) -> None:
+        """Start a new run in ``output_dir`` (``__init__`` checked that it holds no run)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(self.run_dir, "run")
         (self.run_dir / "metrics.jsonl").write_text("")
         from vlkit.config.load import dump_yaml
 
@@ -223,8 +230,7 @@ class Trainer:
             save_checkpoint(self.run_dir, self.global_step, state, self.cfg.keep_last, best=best)
         D.barrier()
 
-    def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path)
+    def _resume(self, path: Path, state: dict[str, Any]) -> None:
         mine = model_fingerprint(self.cfg)
         if state.get("fingerprint") != mine:
             raise VlkitError(f"{path}: checkpoint of another model ({state.get('fingerprint')}), "
