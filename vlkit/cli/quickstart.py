@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from pathlib import Path
+
+from vlkit.errors import VlkitError
 
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "coco-cc-by"
 
@@ -18,14 +22,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The whole path in minutes on a laptop CPU: ingest the bundled CC-BY COCO sample (or your "
         "--data) into OUT/data.lance, train the 'quickstart' recipe (a BriVL-style two-tower model on offline "
         "pretrained encoders), print retrieval on the validation split, draw the training curves, build a "
-        "search index and run an example query. Pass key=value overrides to change the recipe.",
+        "search index and run an example query. Pass key=value overrides to change the recipe. Each run "
+        "trains into a new folder: OUT/run, then OUT/run-2, OUT/run-3, ... (an earlier run is never deleted); "
+        "resume=latest continues the newest one instead. Sources, overrides and OUT are all checked before "
+        "anything is written.",
     )
     p.add_argument("--data", nargs="+", help="your own sources, in any format 'vlkit ingest' reads")
     p.add_argument("--images-root", help="folder the image paths in --data are relative to")
-    p.add_argument("--out", default="runs/quickstart", help="working folder (default runs/quickstart)")
+    p.add_argument("--out", default="runs/quickstart",
+                   help="working folder (default runs/quickstart): new, empty or an earlier quickstart folder")
     p.add_argument("--query", default="a laptop on a desk", help="the example text query")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart recipe, e.g. epochs=5")
     p.set_defaults(func=run)
+
+
+def _run_folder(out: Path, resume: bool) -> Path:
+    """The run folder: ``OUT/run``, then ``OUT/run-2``, ``OUT/run-3``, ... (one past the newest); with
+    ``resume`` the newest that exists."""
+    numbers = [1] if os.path.lexists(out / "run") else []
+    if out.is_dir():
+        numbers += [int(p.name[4:]) for p in out.iterdir() if re.fullmatch(r"run-\d+", p.name)]
+    if resume:
+        if not numbers:
+            raise VlkitError(f"resume: no earlier quickstart run in {out}")
+        newest = max(numbers)
+    else:
+        newest = max(numbers, default=0) + 1
+    return out / ("run" if newest == 1 else f"run-{newest}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,12 +61,26 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.search.loading import load_for_inference
     from vlkit.search.searcher import Searcher
     from vlkit.train.plots import plot_run
+    from vlkit.train.runlog import check_new_run_dir
     from vlkit.train.trainer import Trainer
+    from vlkit.utils.fs import check_output_dir, write_marker
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     sources = args.data or [SAMPLE / "captions.json", SAMPLE / "vqa_questions.json"]
     dataset = out / "data.lance"
+    # everything is checked before anything is written
+    for source in [*sources, *([args.images_root] if args.images_root else [])]:
+        if not Path(source).exists():
+            raise VlkitError(f"{source}: no such file or folder")
+    check_output_dir(out, "quickstart", inputs=sources, what="--out")
+    resume = any(o.startswith("resume=") for o in args.overrides)
+    run_dir = _run_folder(out, resume)
+    overrides = [f"datasets.data.path={dataset}", f"output_dir={run_dir}", *args.overrides]
+    cfg = load_config(recipe_path("quickstart"), overrides)
+    if not resume:
+        check_new_run_dir(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "quickstart")
     print(f"[1/6] ingest {', '.join(map(str, sources))}")
     report = ingest(sources, dataset, images_root=args.images_root, val_fraction=0.2, test_fraction=0.0,
                     progress=False)
@@ -53,14 +90,8 @@ def run(args: argparse.Namespace) -> int:
           f"splits {info['splits']}")
     sheet = contact_sheet(dataset, out / "sheet.png", n=16)
 
-    run_dir = out / "run"
-    overrides = [f"datasets.data.path={dataset}", f"output_dir={run_dir}", *args.overrides]
-    if (run_dir / "checkpoints" / "latest").exists() and not any(o.startswith("resume=") for o in overrides):
-        import shutil
-
-        shutil.rmtree(run_dir)  # a fresh run each time (pass resume=latest to continue one instead)
-    cfg = load_config(recipe_path("quickstart"), overrides)
-    print(f"[2/6] train {cfg.model.name} for {cfg.epochs} epochs (batch {cfg.batch_size}) -> {run_dir}")
+    kept = "" if resume or run_dir.name == "run" else f" (the earlier runs in {out} are kept)"
+    print(f"[2/6] train {cfg.model.name} for {cfg.epochs} epochs (batch {cfg.batch_size}) -> {run_dir}{kept}")
     trainer = Trainer(cfg)
     metrics = trainer.run()
     print("[3/6] retrieval on the validation split:")
