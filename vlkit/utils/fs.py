@@ -30,6 +30,9 @@ REPORT_GENERATOR = '<meta name="generator" content="vlkit eval">'
 KIND_NAMES = {"index": "vlkit index", "report": "vlkit eval report", "run": "vlkit training run",
               "model": "vlkit model folder", "checkpoint": "vlkit checkpoint", "quickstart": "vlkit quickstart folder"}
 
+# kinds whose own files identify them and whose folders are handed to other tools (transformers): no marker
+UNMARKED_KINDS = {"model"}
+
 # disk problems reported as one line instead of a traceback
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
@@ -278,7 +281,8 @@ def atomic_directory(directory: str | Path, kind: str = "model", *, inputs: Iter
     """Fill a temporary folder beside ``directory``; on success it becomes ``directory`` in one rename.
 
     ``directory`` is checked first (:func:`check_output_dir`): an existing folder is replaced only when it is
-    empty or an earlier vlkit output of ``kind``. The new folder carries the marker of ``kind``. An
+    empty or an earlier vlkit output of ``kind``. The new folder carries the marker of ``kind`` (a model
+    folder is known by its ``config.json`` and ``model.safetensors`` instead). An
     interruption (exception, kill) leaves the old ``directory`` as it was and no half-written one.
 
     Args:
@@ -306,7 +310,8 @@ def atomic_directory(directory: str | Path, kind: str = "model", *, inputs: Iter
         raise VlkitError(f"{label}: cannot create the folder ({_reason(exc)})") from None
     try:
         yield tmp
-        write_marker(tmp, kind)
+        if kind not in UNMARKED_KINDS:
+            write_marker(tmp, kind)
         if durable:
             fsync_tree(tmp)
         check_output_dir(directory, kind, inputs=inputs, what=what)  # it may have changed meanwhile
