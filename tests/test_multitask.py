@@ -163,7 +163,7 @@ def test_classification_task_learns_the_largest_shape(synth, tmp_path):
     print(f"\nlargest-shape classification on held-out images: {metrics['val/shapes/accuracy']:.1f}% "
           f"(chance {chance:.1f}%)")
     assert metrics["val/shapes/accuracy"] > 3 * chance
-    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("step-*")) / "state.pt", weights_only=False)
+    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("step-*")) / "state.pt", weights_only=True)
     assert any(k.endswith("head.weight") for k in state["tasks"][0])  # the task's head is checkpointed
 
 

@@ -199,3 +199,50 @@ def test_quickstart_typo_touches_nothing(tmp_path, capsys, monkeypatch):
     notes = _notes(tmp_path)
     _one_line_error(_cli(capsys, "quickstart", "--out", notes), "not an earlier vlkit quickstart folder")
     assert _snapshot(notes) == {"todo.txt": b"call the lab\n"}
+
+
+# --- file outputs and the synthetic dataset folder ------------------------------------------------------------
+
+
+def test_synth_never_writes_into_a_folder_of_user_files(tmp_path):
+    from vlkit.data.synth import generate
+
+    notes = tmp_path / "notes"
+    (notes / "images").mkdir(parents=True)
+    (notes / "images" / "000000.png").write_bytes(b"my own picture")
+    with pytest.raises(VlkitError, match="not an earlier vlkit synthetic dataset"):
+        generate(notes, 3, seed=0)
+    assert (notes / "images" / "000000.png").read_bytes() == b"my own picture"
+    assert sorted(p.name for p in notes.rglob("*")) == ["000000.png", "images"]
+    first = generate(tmp_path / "synth", 3, seed=0)  # a new folder, then the same folder again: allowed
+    again = generate(tmp_path / "synth", 3, seed=0)
+    assert first == again and len(again.read_text().splitlines()) == 3
+
+
+def test_contact_sheet_and_plot_outputs_are_checked_before_any_work(synth, tmp_path):
+    from vlkit.data.sheet import contact_sheet
+    from vlkit.train.plots import plot_run
+
+    folder = tmp_path / "sheet.png"
+    folder.mkdir()
+    with pytest.raises(VlkitError, match="is a directory; name a file"):
+        contact_sheet(synth, folder, n=2)
+    with pytest.raises(VlkitError, match="is the input"):
+        contact_sheet(synth, synth, n=2)
+    under_file = tmp_path / "file"
+    under_file.write_text("x")
+    with pytest.raises(VlkitError, match=str(under_file / "sheet.png")):
+        contact_sheet(synth, under_file / "sheet.png", n=2)
+    written = contact_sheet(synth, tmp_path / "ok.png", n=2)
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.png", "sheet.png"]  # no temporary left
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.5}\n')
+    with pytest.raises(VlkitError, match="is the input"):
+        plot_run(run, run / "metrics.jsonl")
+    (run / "curves.png").mkdir()
+    with pytest.raises(VlkitError, match="is a directory"):
+        plot_run(run)
+    assert plot_run(run, run / "c.svg").read_text().lstrip().startswith("<?xml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from vlkit.data.decode import ImageDecodeError, decode_rgb
 from vlkit.data.rows import image_error, reading
 from vlkit.data.store import open_dataset, split_indices
 from vlkit.errors import DataError
+from vlkit.utils.fs import atomic_write, check_output_file
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -48,6 +50,7 @@ def contact_sheet(
     for name, value in (("n", n), ("thumb", thumb), ("cols", cols)):
         if value < 1:
             raise DataError(f"contact sheet: {name} must be at least 1, got {value}")
+    out = check_output_file(out, inputs=[dataset], what="--out")  # before any image is read
     ds = open_dataset(dataset)
     with reading(dataset):
         offsets = split_indices(ds, split)[:n]
@@ -74,9 +77,7 @@ def contact_sheet(
         for j, line in enumerate(lines):
             draw.text((x0, y0 + thumb + 4 + j * line_h), line, fill="black", font=font)
         draw.text((x0, y0 + thumb + 4 + text_lines * line_h), row["id"][-40:], fill="gray", font=small)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    sheet.save(tmp)
-    tmp.replace(out)
-    return out
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG")
+    return atomic_write(out, buf.getvalue())

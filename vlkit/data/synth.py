@@ -106,7 +106,7 @@ def generate(
     so a run that is interrupted never leaves a half-written manifest.
 
     Args:
-        out_dir: Folder to write into; created if missing.
+        out_dir: Folder to write into: absent (it is created), empty, or an earlier synthetic dataset.
         n: Number of images, at least 1.
         seed: Seed for all randomness; the same arguments always give byte-identical files.
         image_size: Width and height of the square images, in pixels (32 to 1024).
@@ -116,13 +116,18 @@ def generate(
         The path of ``out_dir/synth.jsonl``.
 
     Raises:
-        VlkitError: An argument is out of range, or the files cannot be written.
+        VlkitError: An argument is out of range, the folder holds files vlkit did not write, or the files
+            cannot be written.
     """
+    from vlkit.utils.fs import check_output_dir, write_marker
+
     _check_args(n, seed, image_size, image_format)
     out = Path(out_dir)
+    check_output_dir(out, "synth")  # absent, empty or an earlier synthetic dataset: never a folder of user files
     ext = IMAGE_FORMATS[image_format]
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
+        write_marker(out, "synth")
         lines = []
         for i in range(n):
             rel = f"images/{i:06d}.{ext}"

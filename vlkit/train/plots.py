@@ -18,6 +18,7 @@ a retrieval rank) that spans more than a decade gets a log-scale axis. The legen
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vlkit.errors import VlkitError
+from vlkit.utils.fs import atomic_write, check_output_file
 
 METRICS_FILE = "metrics.jsonl"
 DPI = 150
@@ -318,11 +320,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metrics: Sequen
             ``metrics``, the output format is unknown, or matplotlib is not installed.
     """
     path = metrics_path(run_dir)
+    out = Path(out) if out is not None else path.parent / "curves.png"
+    check_output_file(out, inputs=[path], what="--out")  # before anything is drawn
     series = read_metrics(path)
     if not series:
         raise VlkitError(f"{path} holds no numeric metrics (each line needs a \"step\" and at least one number)")
     series = _select(series, metrics, path)
-    out = Path(out) if out is not None else path.parent / "curves.png"
 
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -362,11 +365,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metrics: Sequen
     fig.tight_layout()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format=fmt, dpi=DPI, facecolor="white")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=DPI, facecolor="white")
+    return atomic_write(out, buf.getvalue())
