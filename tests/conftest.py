@@ -62,3 +62,18 @@ def trained_run(synth, tmp_path_factory):
                              f"output_dir={run}", *CLIP_TINY_SYNTH])
     metrics = Trainer(cfg).run()
     return run, metrics
+
+
+@pytest.fixture(autouse=True)
+def _restore_pixel_limit():
+    """Every test starts and ends with the default pixel limit (``vlkit --max-pixels`` run in-process sets the
+    limit and ``$VLKIT_MAX_PIXELS`` for the rest of the process)."""
+    from vlkit.data.decode import ENV_VAR, set_max_pixels
+
+    saved = os.environ.pop(ENV_VAR, None)
+    set_max_pixels(None)
+    yield
+    set_max_pixels(None)
+    os.environ.pop(ENV_VAR, None)
+    if saved is not None:
+        os.environ[ENV_VAR] = saved
