@@ -194,3 +194,16 @@ def test_pixel_limit_from_environment_is_validated(monkeypatch):
         max_pixels()
     monkeypatch.setenv("VLKIT_MAX_PIXELS", "2.5e6")
     assert max_pixels() == 2_500_000
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured():
+    """Pillow refuses images over 2 x its MAX_IMAGE_PIXELS by itself; a vlkit limit above that still decides."""
+    from PIL import Image as PILImage
+
+    size = (30_000, 32_000)  # 960 Mpx: over Pillow's 900 Mpx guard, declared in a ~0.1 MB PNG
+    buf = io.BytesIO()
+    PILImage.new("1", size).save(buf, "PNG")
+    with pytest.raises(decode.ImageTooLarge):
+        decode.open_image(buf.getvalue())
+    decode.set_max_pixels(1_000_000_000)
+    assert decode.open_image(buf.getvalue()).size == size  # header only: nothing decoded
