@@ -108,6 +108,18 @@ def test_sampling_weights_are_checked_with_the_config(good):
     assert "only strategy 'temperature'" in found["sampling.temperature"]
     cfg = load_config(good, [*two, "sampling.strategy=fixed", "sampling.weights=[0, 2]"])
     assert cfg.sampling.weights == [0.0, 2.0]
+    # a weight of the wrong type is one problem, not a crash of the weight checks
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(good, [*two, "sampling.strategy=fixed", "sampling.weights=[1.0, z]"])
+    assert problems_of(excinfo) == {"sampling.weights.1": "expected a float, got 'z'"}
+
+
+def test_an_integer_too_large_for_a_float_is_out_of_range(good):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(good, ["seed=" + "9" * 400, "epochs=" + "9" * 400])
+    found = problems_of(excinfo)
+    assert found["seed"].startswith("must be between 0 and 4294967295")
+    assert set(found) == {"seed", "epochs"}
 
 
 @pytest.mark.parametrize("key, names", [

@@ -33,7 +33,10 @@ class Range:
 
     def contains(self, value: float) -> bool:
         """True when ``value`` is finite and within the bounds."""
-        if not math.isfinite(value):
+        try:
+            if not math.isfinite(value):
+                return False
+        except OverflowError:  # an integer too large for a float: outside every range vlkit declares
             return False
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return False

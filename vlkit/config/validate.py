@@ -183,7 +183,7 @@ def _sampling_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[s
     if not ok(sampling) or not ok(sampling.strategy):
         return
     strategy, weights = sampling.strategy, sampling.weights
-    if strategy == "fixed" and ok(weights):
+    if strategy == "fixed" and ok(weights) and (weights is None or ok(*weights)):
         if weights is None:
             problems.append("sampling.weights: strategy 'fixed' needs one weight per task, e.g. [1.0, 2.0]")
         elif ok(cfg.tasks) and len(weights) != len(cfg.tasks):
