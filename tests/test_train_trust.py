@@ -172,6 +172,27 @@ def test_skip_drops_the_non_finite_step_and_counts_it(synth, tmp_path):
     assert float(step) == 2  # AdamW took 2 of the 3 steps
 
 
+def test_a_non_finite_gradient_stops_the_run_even_without_clipping(synth, tmp_path):
+    """A finite loss whose gradient overflowed: caught by the gradient norm, measured also when not clipping."""
+    trainer = _nan_trainer(synth, tmp_path, "optim.grad_clip=null")
+    task, calls = trainer.tasks[0], []
+    original = task.forward_backward
+    inner = unwrap(trainer.model)
+    victim = next(p for p in inner.parameters() if p.requires_grad)
+
+    def forward_backward(model, batch, *args, **kwargs):
+        out = original(model, batch, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            victim.grad.view(-1)[0] = float("inf")
+        return out
+
+    task.forward_backward = forward_backward
+    with pytest.raises(VlkitError, match=r"^step 2: the gradient norm is inf; training stopped"):
+        trainer.run()
+    assert all(torch.isfinite(p).all() for p in inner.parameters())
+
+
 def test_nonfinite_must_be_stop_or_skip():
     with pytest.raises(VlkitError, match="nonfinite: 'ignore' is not one of skip, stop"):
         load_config(None, ["datasets={d: {path: x}}", "tasks=[{name: retrieval, dataset: d}]", "nonfinite=ignore"])

@@ -24,8 +24,8 @@ from vlkit.tasks import build_task
 from vlkit.tasks.preflight import check_datasets
 from vlkit.tasks.retrieval import unwrap
 from vlkit.train import distributed as D
-from vlkit.train.checkpoint import (open_resume_checkpoint, remove_partial_checkpoints, rng_states,
-                                    save_checkpoint, set_rng_states)
+from vlkit.train.checkpoint import (check_resume_target, open_resume_checkpoint, remove_partial_checkpoints,
+                                    rng_states, save_checkpoint, set_rng_states)
 from vlkit.train.mfu import measure_step_flops, step_mfu
 from vlkit.train.model_setup import build_model_and_tokenizer
 from vlkit.train.nonfinite import non_finite, nonfinite_error
@@ -33,6 +33,15 @@ from vlkit.train.optim import build_optimizer, build_scheduler, group_lrs
 from vlkit.train.runlog import RunLog, check_new_run_dir, environment
 from vlkit.utils.flops import peak_flops
 from vlkit.utils.fs import write_marker
+
+
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients of ``params`` together (what gradient clipping measures), unchanged grads."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
 
 
 def seed_everything(seed: int) -> None:
@@ -131,8 +140,11 @@ class Trainer:
                              f"x grad_accum {cfg.grad_accum}")
         self.per_rank_batch = cfg.batch_size // self.dist.world_size
         self.run_dir = Path(cfg.output_dir)
-        if not cfg.resume and self.dist.is_main:
-            check_new_run_dir(self.run_dir)  # before any work: a new run never writes into an old one
+        # before any work: a new run never writes into an old one, and a resumed run continues only its own
+        if cfg.resume:
+            check_resume_target(cfg.resume, self.run_dir)
+        elif self.dist.is_main:
+            check_new_run_dir(self.run_dir)
         check_datasets(cfg)  # every dataset, split and column the tasks read, before any work or writing
         seed_everything(cfg.seed)
         self.model, self.tokenizer = build_model_and_tokenizer(cfg, self.dist)
@@ -286,9 +298,11 @@ class Trainer:
         self._average_replicated_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.cfg.optim.grad_clip:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             logs["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        elif self.scaler is None:  # not clipped: the norm is still what tells a non-finite gradient
+            logs["train/grad_norm"] = float(total_grad_norm(params))
         rates = group_lrs(self.optimizer)  # the rates this step applies, one per tower group
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         # a dropped step (nonfinite=skip) has no update, EMA or momentum step; the schedule moves on with the count
