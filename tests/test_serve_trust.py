@@ -181,10 +181,12 @@ def test_allowed_hosts_follow_the_bind_address_and_the_option(searcher):
 def test_serve_refuses_bad_options_before_loading(index_dir, capsys):
     for extra, message in ((["--allowed-hosts", "a b"], "--allowed-hosts"),
                            (["--header-timeout", "0"], "--header-timeout"),
-                           (["--body-timeout", "-1"], "--body-timeout"),
-                           (["--max-pixels", "0"], "--max-pixels")):
+                           (["--body-timeout", "-1"], "--body-timeout")):
         assert main(["serve", str(index_dir), *extra]) == 2
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as excinfo:  # parsed as the global --max-pixels is: an argparse error
+        main(["serve", str(index_dir), "--max-pixels", "0"])
+    assert excinfo.value.code == 2 and "--max-pixels" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- timeouts on a real server

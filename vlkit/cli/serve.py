@@ -6,6 +6,7 @@ import argparse
 import socket
 import sys
 
+from vlkit.cli import pixel_limit
 from vlkit.errors import VlkitError
 
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to send a request's headers
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
                    help="close a connection whose request body is not complete within this time after its "
                    f"headers (default {DEFAULT_BODY_TIMEOUT:g})")
-    p.add_argument("--max-pixels", type=int, dest="serve_max_pixels", metavar="N",
+    p.add_argument("--max-pixels", type=pixel_limit, dest="serve_max_pixels", metavar="N",
                    help="refuse (413) query images of more than N pixels, read from their header before "
                    "decoding (default: $VLKIT_MAX_PIXELS or 64000000)")
     p.set_defaults(func=run)
@@ -92,14 +93,9 @@ def _check_options(args: argparse.Namespace) -> tuple[list[str], type]:
         hosts = allowed_hosts_for(args.host, [h for h in args.allowed_hosts.split(",") if h.strip()])
     except ValueError as exc:
         raise VlkitError(f"--allowed-hosts: {exc}") from None
-    if args.serve_max_pixels is not None:
-        if args.serve_max_pixels < 1:
-            raise VlkitError(f"--max-pixels must be at least 1, not {args.serve_max_pixels}")
+    if args.serve_max_pixels is not None:  # the same as the global 'vlkit --max-pixels N serve ...'
         set_max_pixels(args.serve_max_pixels)
-    try:
-        max_pixels()
-    except ValueError as exc:  # a bad VLKIT_MAX_PIXELS
-        raise VlkitError(str(exc)) from None
+    max_pixels()  # a bad $VLKIT_MAX_PIXELS is reported now, not at the first query
     return hosts, bounded_protocol(args.header_timeout, args.body_timeout)
 
 
