@@ -110,6 +110,25 @@ def test_csv_quote_left_open_on_the_last_line(tmp_path):
     assert [(p.row, "end of the file" in p.reason) for p in report.problems] == [(3, True)]
 
 
+def test_csv_caption_over_several_lines_is_kept_whole(tmp_path):
+    _images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    csv = tmp_path / "m.csv"  # the continuation line parses as two fields, but "runs" is no image: a caption
+    csv.write_text('image,caption\na.jpg,"A dog\nruns, fast"\nb.jpg,"one ""big""\ncat"\nc.jpg,plain\n')
+    report = ingest([csv], tmp_path / "m.lance", progress=False)
+    rows = {r["id"]: r["captions"] for r in lance.dataset(str(tmp_path / "m.lance")).to_table(
+        columns=["id", "captions"]).to_pylist()}
+    assert rows == {"a.jpg": ["A dog\nruns, fast"], "b.jpg": ['one "big"\ncat'], "c.jpg": ["plain"]}
+    assert not report.problems
+
+    # a well-formed field that swallowed a row naming an existing image, or a quote open at the very end
+    doubt = tmp_path / "d.csv"
+    doubt.write_text('image,caption\na.jpg,"red\nb.jpg,blue"\nc.jpg,"green\n')
+    report = ingest([doubt], tmp_path / "d.lance", progress=False)
+    assert sorted(_ids(tmp_path / "d.lance")) == ["b.jpg"]
+    assert [(p.row, p.reason.split(" (")[0].split("runs on ")[1]) for p in report.problems] == [
+        (2, "over lines 2-3"), (4, "to the end of the file")]
+
+
 # --- user labels --------------------------------------------------------------------------------------------
 
 

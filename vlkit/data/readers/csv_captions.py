@@ -2,10 +2,12 @@
 
 Optional columns: ``split``; any other column is kept as an extra field (first value per image).
 
-A quote opened in a field and not closed on its line makes the CSV parser swallow the following lines into
-that field. A row spanning several lines whose later lines would each parse as rows of their own (or whose
-quote is still open at the end of the file) is reported with its line numbers and skipped; the lines it
-swallowed are read again as the rows they are.
+A quoted field may hold line breaks (a caption over several lines). A quote opened in a field and never
+closed instead makes the CSV parser swallow the following lines into that field. Such a run-on is told from a
+caption with line breaks by its quoting (see :func:`_run_on`): the quote is still open at the end of the file,
+or the quote that ends the field is followed by text (it was the opening quote of a later row), or a
+swallowed line is a complete row naming an image file that exists. A run-on is reported with its line numbers
+and skipped; the lines it swallowed are read again as the rows they are.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import csv
 import io
 from collections import deque
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from vlkit.data.records import Problem, Record
 from vlkit.errors import DataError
@@ -58,24 +60,35 @@ class _Lines:
         self._back.extendleft(reversed(lines))
 
 
-def _run_on(taken: list[tuple[int, str]], width: int, delimiter: str) -> bool:
-    """Whether a row read from several lines ``taken`` is an unclosed quote that swallowed other rows."""
-    if not taken:
-        return False
-    if not taken[-1][1].endswith(("\n", "\r")):  # the last line of the file: is a quote still open?
-        try:
-            list(csv.reader(io.StringIO("".join(line for _, line in taken)), delimiter=delimiter, strict=True))
-        except csv.Error as exc:
-            return "unexpected end of data" in str(exc)
-        return False
+def _run_on(taken: list[tuple[int, str]], width: int, delimiter: str,
+            names_image: Callable[[list[str]], bool]) -> str | None:
+    """Whether the row read from the lines ``taken`` is an unclosed quote: ``"end"`` (open at the end of the
+    file), ``"rows"`` (it swallowed rows of its own), or None (a row as written).
+
+    The row's text is parsed again strictly. A quote still open at the end of the file is a run-on, on one line
+    or several. A row over several lines is a run-on when its quoting is malformed: the quote that ended the
+    field was the opening quote of a later row, followed by text rather than a delimiter or the line's end.
+    A well-formed field over several lines (a caption with a line break) is kept whole, unless one of its
+    later lines is, read on its own, a complete row naming an image file that exists: in doubt, it is
+    reported rather than read as a caption.
+    """
+    text = "".join(line for _, line in taken)
+    if '"' not in text:
+        return None
+    try:
+        list(csv.reader(io.StringIO(text), delimiter=delimiter, strict=True))
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            return "end"
+        return "rows" if len(taken) > 1 else None  # a stray quote on one line: read as the lenient parser does
     for _, line in taken[1:]:
         try:
             fields = next(csv.reader([line], delimiter=delimiter), [])
         except csv.Error:
             continue
-        if len(fields) == width:
-            return True
-    return False
+        if len(fields) == width and names_image(fields):
+            return "rows"
+    return None
 
 
 def read_csv(path: Path, images_root: Path | None, problems: list[Problem]) -> Iterator[Record]:
@@ -96,6 +109,13 @@ def read_csv(path: Path, images_root: Path | None, problems: list[Problem]) -> I
         extra_cols = [i for i in range(len(header)) if i not in (image_col, caption_col, split_col)]
         records: dict[str, Record] = {}
         root: Path | None = None
+
+        def names_image(fields: list[str]) -> bool:
+            """Whether a line read on its own names an image file that exists (so it is a row of its own)."""
+            name = fields[image_col].strip()
+            base = root if root is not None else images_root_for(path, images_root, name)
+            return bool(name) and (base / name).is_file()
+
         while True:
             lines.taken = []
             try:
@@ -107,8 +127,9 @@ def read_csv(path: Path, images_root: Path | None, problems: list[Problem]) -> I
                 row, error = None, exc
             taken = lines.taken
             row_no = taken[0][0] if taken else 0
-            if error is not None or _run_on(taken, len(header), delimiter):
-                span = f"over lines {row_no}-{taken[-1][0]}" if len(taken) > 1 else "to the end of the file"
+            run_on = None if error is not None else _run_on(taken, len(header), delimiter, names_image)
+            if error is not None or run_on:
+                span = "to the end of the file" if run_on == "end" else f"over lines {row_no}-{taken[-1][0]}"
                 reason = (f"unreadable CSV row ({error})" if error is not None else
                           f"a quote opened on this line is not closed on it, so the row runs on {span} "
                           "(unbalanced quote); the row is skipped, the lines after it are read on their own")
