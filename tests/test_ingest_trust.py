@@ -284,9 +284,11 @@ def test_cli_size_option_and_its_default():
     assert cli_ingest.DEFAULT_MAX_IMAGE_BYTES == images.DEFAULT_MAX_IMAGE_BYTES
     assert [cli_ingest.parse_size(t) for t in ("123", "64K", "64M", "1GiB", "2mb")] == [
         123, 64 << 10, 64 << 20, 1 << 30, 2 << 20]
-    for bad in ("lots", "0", "-5M"):
+    for bad in ("lots", "0", "-5M", "inf", "1e400", "nan", "1e300G"):  # non-finite: no OverflowError
         with pytest.raises(argparse.ArgumentTypeError):
             cli_ingest.parse_size(bad)
+    proc = run_cli("ingest", "nothing.jsonl", "--out", "never.lance", "--max-image-bytes", "1e400")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a size: '1e400'" in proc.stderr
 
 
 def test_report_log_keeps_every_run(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def parse_size(text: str) -> int:
         value = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes, or a number with K, M or G)") from None
+    if not math.isfinite(value):  # "inf", "nan", "1e400": int() of them would raise past argparse
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a size must be a finite number of bytes)")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
     return int(value)
