@@ -166,6 +166,109 @@ def test_user_labels_are_kept_and_disagreements_reported(tmp_path):
     assert [p.reason for p in report.problems] == ["label 0 is named 'horse' here but 'zebra' in the dataset"]
 
 
+def _classes(path: Path) -> list[str]:
+    from vlkit.data.schema import class_names
+
+    return class_names(lance.dataset(str(path)).schema)
+
+
+def _labels(path: Path) -> dict[str, int]:
+    return {r["id"]: r["label"] for r in lance.dataset(str(path)).to_table(columns=["id", "label"]).to_pylist()}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps({"text": "x", **row}) + "\n" for row in rows))
+    return path
+
+
+def test_new_classes_never_take_a_label_that_unnamed_rows_carry(tmp_path):
+    _images(tmp_path / "images", ["0.jpg", "1.jpg", "2.jpg"])
+    _images(tmp_path / "folders" / "dog", ["d.jpg"])
+    src = _jsonl(tmp_path / "a.jsonl", [{"image": "images/0.jpg", "label": 0, "class_name": "cat"},
+                                        {"image": "images/1.jpg", "label": 1}])
+    out = tmp_path / "a.lance"
+    ingest([src], out, progress=False)
+    assert _classes(out) == ["cat", "class_1"]  # the unnamed label is in the list
+    ingest([tmp_path / "folders"], out, progress=False)
+    assert _classes(out) == ["cat", "class_1", "dog"]
+    assert _labels(out) == {"images/0.jpg": 0, "images/1.jpg": 1, "dog/d.jpg": 2}
+
+    # in one batch: a label without a name and a class folder
+    both = tmp_path / "b.lance"
+    ingest([_jsonl(tmp_path / "b.jsonl", [{"image": "images/2.jpg", "label": 0}]), tmp_path / "folders"], both,
+           progress=False)
+    assert _labels(both) == {"images/2.jpg": 0, "dog/d.jpg": 1} and _classes(both) == ["class_0", "dog"]
+
+
+def test_a_label_beyond_the_stored_classes_extends_them(tmp_path):
+    from vlkit.data.classes import assign_classes
+    from vlkit.data.records import Record
+    from vlkit.tasks.labels import classes_present
+
+    _images(tmp_path / "folders" / "cat", ["c.jpg"])
+    _images(tmp_path / "folders" / "dog", ["d.jpg"])
+    _images(tmp_path / "images", ["5.jpg"])
+    out = tmp_path / "c.lance"
+    ingest([tmp_path / "folders"], out, progress=False)
+    ingest([_jsonl(tmp_path / "c.jsonl", [{"image": "images/5.jpg", "label": 5}])], out, progress=False)
+    assert _classes(out) == ["cat", "dog", "class_2", "class_3", "class_4", "class_5"]
+    assert classes_present(_labels(out).values(), _classes(out)) == ["cat", "dog", "class_5"]
+    # a dataset stored before its rows' labels were all in its class list: no IndexError, no merged classes
+    assert classes_present([0, 5], ["cat", "dog"]) == ["cat", "class_5"]
+    [bird], classes = assign_classes([Record(id="b", image_path=Path("b.jpg"), source="s", class_name="bird")],
+                                     ["cat", "dog"], [], stored_labels=[0, 5])
+    assert bird.label == 6 and classes == ["cat", "dog", "class_2", "class_3", "class_4", "class_5", "bird"]
+
+
+# --- one open of the dataset, one decode of each image ------------------------------------------------------
+
+
+def test_ingest_opens_the_dataset_once(tmp_path, monkeypatch):
+    _images(tmp_path / "images", [f"{i}.jpg" for i in range(4)])
+    out = tmp_path / "o.lance"
+    ingest([_jsonl(tmp_path / "s.jsonl", [{"image": "images/0.jpg", "label": 0, "class_name": "a"}])], out,
+           progress=False)
+    opened, real_open = [], lance.dataset
+    monkeypatch.setattr(lance, "dataset", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    # a new class, a new column, new rows: the class list, the column, the rows and two indices are committed
+    more = [{"image": f"images/{i}.jpg", "label": i, "class_name": f"c{i}", "score": i} for i in range(1, 4)]
+    report = ingest([_jsonl(tmp_path / "m.jsonl", more)], out, progress=False)
+    assert len(opened) == 1
+    ds = real_open(str(out))
+    assert report.rows_added == 3 and report.version_after == ds.version == report.version_before + 5
+    assert _classes(out) == ["a", "c1", "c2", "c3"] and "score" in ds.schema.names
+    assert sorted(i.name for i in ds.describe_indices()) == ["id_idx", "split_idx"]
+    assert ds.to_table(filter="id = 'images/3.jpg'", columns=["score"]).column("score").to_pylist() == [3]
+
+
+@pytest.mark.parametrize("keep", [None, 0])  # default: the checked images are kept; 0: re-read, not decoded
+def test_strict_decodes_each_image_once(tmp_path, monkeypatch, keep):
+    from vlkit.data import images
+
+    names = [f"{i}.jpg" for i in range(5)]
+    _images(tmp_path / "images", names)
+    src = _jsonl(tmp_path / "s.jsonl", [{"image": f"images/{n}"} for n in names])
+    decoded, real_load = [], images.load_image
+    monkeypatch.setattr(images, "load_image", lambda img: decoded.append(img.size) or real_load(img))
+    if keep is not None:
+        from vlkit.data import ingest_images
+
+        monkeypatch.setattr(ingest_images, "KEEP_CHECKED_BYTES", keep)
+        real_bytes = images.read_bytes
+        monkeypatch.setattr(ingest_images, "read_bytes",  # 4.jpg is changed after the check
+                            lambda path, *a: real_bytes(path, *a) + (b"!" if path.name == "4.jpg" else b""))
+    out = tmp_path / "s.lance"
+    report = ingest([src], out, strict=True, workers=2, progress=False)
+    assert len(decoded) == len(names)
+    ds = lance.dataset(str(out))
+    blobs = ds.read_blobs("image", indices=list(range(ds.count_rows())), preserve_order=True)
+    stored = {key: data for key, (_, data) in zip(_ids(out), blobs)}
+    expected = names if keep is None else names[:4]
+    assert stored == {f"images/{n}": (tmp_path / "images" / n).read_bytes() for n in expected}
+    assert [p.reason.split(" (")[0] for p in report.problems] == (
+        [] if keep is None else ["the image file changed during the ingest"])
+
+
 # --- a damaged dataset --------------------------------------------------------------------------------------
 
 

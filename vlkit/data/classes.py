@@ -11,6 +11,8 @@ label stored for that name, or get the next free labels in sorted name order.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from vlkit.data.records import Problem, Record
 
 
@@ -19,19 +21,43 @@ def placeholder(label: int) -> str:
     return f"class_{label}"
 
 
+def classes_from_rows(labels: Iterable[int | None], names: Iterable[str | None]) -> list[str]:
+    """Class names by label from rows' ``label`` and ``class_name`` (the first name seen for each label).
+
+    For datasets without a stored class list. A label no row names gets :func:`placeholder`; no labels: ``[]``.
+    """
+    by_label: dict[int, str] = {}
+    top = -1
+    for label, name in zip(labels, names):
+        if label is None:
+            continue
+        top = max(top, int(label))
+        if name is not None:
+            by_label.setdefault(int(label), name)
+    return [by_label.get(i, placeholder(i)) for i in range(top + 1)]
+
+
 def assign_classes(records: list[Record], stored: list[str], problems: list[Problem],
-                   notices: list[Problem] | None = None) -> tuple[list[Record], list[str]]:
+                   notices: list[Problem] | None = None,
+                   stored_labels: Iterable[int] = ()) -> tuple[list[Record], list[str]]:
     """Check the given labels, label the named classes, and return the usable records and the class list.
+
+    A label is taken once anything uses it: a stored class (named or a placeholder), a stored row, or a record
+    here, with or without a name. New class names get labels after all of them, so a new class never merges
+    with rows that carry a label without a name; and the class list covers every label, unnamed ones as
+    placeholders.
 
     Args:
         records: the new records (their ``label`` may be set by the source, or None).
         stored: the class names by label already stored in the dataset.
         problems: where a record whose label and name disagree is reported.
         notices: where a class name shared by two labels is reported (once per name and label).
+        stored_labels: labels the dataset's rows already carry (they may lie beyond ``stored``).
 
     Returns:
         The records that agree, labelled; and the class names by label (gaps named ``class_<i>``).
     """
+    stored_labels = [int(x) for x in stored_labels]
     names: dict[int, str] = {i: n for i, n in enumerate(stored) if n != placeholder(i)}
     labels: dict[str, int] = {}
     for i, name in names.items():
@@ -60,18 +86,20 @@ def assign_classes(records: list[Record], stored: list[str], problems: list[Prob
         where.setdefault(rec.label, rec.source)
         where.setdefault(rec.class_name, rec.source)
         usable.append(rec)
+    # every label in use, named or not, is taken: the stored list, labels stored rows carry, labels given here
+    taken = max([len(stored) - 1, *names, *stored_labels, *(r.label for r in usable if r.label is not None)],
+                default=-1)
     unlabelled = sorted({r.class_name for r in usable if r.label is None and r.class_name is not None})
     for name in unlabelled:
         if name not in labels:
-            labels[name] = names_end = max(names, default=-1) + 1
-            names[names_end] = name
+            taken += 1
+            labels[name], names[taken] = taken, name
     for rec in usable:
         if rec.label is None and rec.class_name is not None:
             rec.label = labels[rec.class_name]
     if not names:
         return usable, list(stored)
-    size = max(max(names) + 1, len(stored))
-    return usable, [names.get(i, placeholder(i)) for i in range(size)]
+    return usable, [names.get(i, placeholder(i)) for i in range(taken + 1)]
 
 
 def _disagreement(rec: Record, names: dict[int, str], where: dict[object, str]) -> str | None:

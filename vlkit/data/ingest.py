@@ -17,17 +17,17 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import lance
 import pyarrow as pa
 from tqdm import tqdm
 
-from vlkit.data.classes import assign_classes
-from vlkit.data.images import DEFAULT_MAX_IMAGE_BYTES, ImageProblem, read_image
+from vlkit.data.classes import assign_classes, classes_from_rows
+from vlkit.data.images import DEFAULT_MAX_IMAGE_BYTES, ImageInfo, ImageProblem
+from vlkit.data.ingest_images import CheckedImage, decoded as decode_images, keep_checked
 from vlkit.data.ingest_report import IngestReport, log_path, report_path, save_report
 from vlkit.data.readers import read_source
 from vlkit.data.records import Problem, Record
@@ -105,23 +105,6 @@ def image_problem(rec: Record, exc: ImageProblem) -> Problem:
     return Problem(str(rec.image_path), None, f"{exc} (listed at {rec.source})")
 
 
-def _checked(rec: Record, confine: bool, max_bytes: int):
-    try:
-        return read_image(rec.image_path, root=rec.root if confine else None, max_bytes=max_bytes)
-    except ImageProblem as exc:
-        return exc
-
-
-def _decoded(records: list[Record], workers: int, chunk: int, confine: bool = True,
-             max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[tuple[Record, object]]:
-    """(record, ImageInfo or ImageProblem) in input order, decoding on ``workers`` threads."""
-    check = functools.partial(_checked, confine=confine, max_bytes=max_bytes)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(records), chunk):
-            part = records[start : start + chunk]
-            yield from zip(part, pool.map(check, part))
-
-
 def ingest(
     sources: Sequence[str | Path],
     out: str | Path,
@@ -195,23 +178,34 @@ def ingest(
 def _ingest_locked(records: list[Record], out: Path, report: IngestReport, *, split: str | None,
                    val_fraction: float, test_fraction: float, strict: bool, fragment_rows: int | None,
                    workers: int, progress: bool, confine: bool, max_bytes: int) -> lance.LanceDataset | None:
-    """The part of :func:`ingest` done under the dataset's write lock: read the stored ids, write, index."""
+    """The part of :func:`ingest` done under the dataset's write lock: read the stored ids, write, index.
+
+    The dataset is opened once; each later step builds on the dataset its previous commit returned.
+    """
     existing = open_dataset(out) if out.exists() else None
+    old_classes: list[str] = []
+    known_classes: list[str] = []
+    stored_labels: list[int] = []
     if existing is not None:
         report.version_before = existing.version
-        stored = set(existing.to_table(columns=["id"]).column("id").to_pylist())
+        old_classes = class_names(existing.schema)
+        columns = ["id", "label"] if old_classes else ["id", "label", "class_name"]
+        table = existing.to_table(columns=columns)
+        stored = set(table.column("id").to_pylist())
+        label_values = table.column("label").to_pylist()
+        stored_labels = [x for x in label_values if x is not None]
+        # a dataset without a stored class list (made by hand) has its classes in its rows
+        known_classes = old_classes or classes_from_rows(label_values, table.column("class_name").to_pylist())
         report.rows_existing = sum(r.id in stored for r in records)
         records = [r for r in records if r.id not in stored]
     for rec in records:
         rec.split = split or rec.split or hash_split(rec.id, val_fraction, test_fraction)
 
-    old_classes = class_names(existing.schema) if existing is not None else []
-    records, classes = assign_classes(records, old_classes, report.problems, report.notices)
+    records, classes = assign_classes(records, known_classes, report.problems, report.notices, stored_labels)
     fragment_rows = fragment_rows or auto_fragment_rows(len(records))
-    decoded = functools.partial(_decoded, workers=workers, chunk=max(32, workers * 8), confine=confine,
+    decoded = functools.partial(decode_images, workers=workers, chunk=max(32, workers * 8), confine=confine,
                                 max_bytes=max_bytes)
-    if strict:
-        _refuse_on_problems(decoded(records), report, out)
+    checked = _refuse_on_problems(decoded(records), report, out) if strict else None
     if existing is not None:
         existing = _add_extra_columns(out, existing, _extra_fields(records))
         schema = existing.schema
@@ -223,7 +217,7 @@ def _ingest_locked(records: list[Record], out: Path, report: IngestReport, *, sp
 
     def batches() -> Iterator[pa.RecordBatch]:
         rows: list[dict] = []
-        for rec, image in decoded(records):
+        for rec, image in decoded(records, checked=checked):
             bar.update(1)
             if isinstance(image, ImageProblem):
                 report.problems.append(image_problem(rec, image))
@@ -238,19 +232,31 @@ def _ingest_locked(records: list[Record], out: Path, report: IngestReport, *, sp
             report.rows_added += len(rows)
 
     try:
-        _write(out, schema, batches(), existing, fragment_rows)
+        ds = _write(out, schema, batches(), existing, fragment_rows) or existing
     finally:
         bar.close()
-    ds = open_dataset(out) if out.exists() else None
     if ds is not None and report.rows_added:
         if classes != old_classes and existing is not None:
-            retry_on_conflict(lambda: open_dataset(out).update_schema_metadata({"vlkit.classes": json.dumps(classes)}),
-                              out, "the class names were saved")
+            ds = retry_on_conflict(_set_classes(classes), out, "the class names were saved", dataset=ds)
         for column, kind in (("id", "BTREE"), ("split", "BITMAP")):
-            retry_on_conflict(lambda: open_dataset(out).create_scalar_index(column, kind, replace=True),
-                              out, f"the {column} index was refreshed")
-        ds = open_dataset(out)
+            ds = retry_on_conflict(_index(column, kind), out, f"the {column} index was refreshed", dataset=ds)
     return ds
+
+
+def _set_classes(classes: list[str]) -> Callable[[lance.LanceDataset], lance.LanceDataset]:
+    def action(ds: lance.LanceDataset) -> lance.LanceDataset:
+        ds.update_schema_metadata({"vlkit.classes": json.dumps(classes)})  # commits; ``ds`` moves to it
+        return ds
+
+    return action
+
+
+def _index(column: str, kind: str) -> Callable[[lance.LanceDataset], lance.LanceDataset]:
+    def action(ds: lance.LanceDataset) -> lance.LanceDataset:
+        ds.create_scalar_index(column, kind, replace=True)  # commits; ``ds`` moves to it
+        return ds
+
+    return action
 
 
 def _add_extra_columns(out: Path, existing: lance.LanceDataset, fields: list[pa.Field]) -> lance.LanceDataset:
@@ -258,35 +264,40 @@ def _add_extra_columns(out: Path, existing: lance.LanceDataset, fields: list[pa.
     if not [f for f in fields if f.name not in existing.schema.names]:
         return existing
 
-    def add() -> lance.LanceDataset:
-        ds = open_dataset(out)
+    def add(ds: lance.LanceDataset) -> lance.LanceDataset:
         new = [f for f in fields if f.name not in ds.schema.names]
         if new:
-            ds.add_columns(new)
-        return open_dataset(out)
+            ds.add_columns(new)  # commits; ``ds`` moves to it
+        return ds
 
-    return retry_on_conflict(add, out, "new columns were added")
+    return retry_on_conflict(add, out, "new columns were added", dataset=existing)
 
 
-def _refuse_on_problems(decoded: Iterator[tuple[Record, object]], report: IngestReport, out: Path) -> None:
-    for rec, image in decoded:
-        if isinstance(image, ImageProblem):
-            report.problems.append(image_problem(rec, image))
+def _refuse_on_problems(decoded: Iterator[tuple[Record, object]], report: IngestReport,
+                        out: Path) -> list[ImageInfo | CheckedImage | None]:
+    """Check every image (``--strict``); raise if anything is wrong, else return what the check found."""
+    found = keep_checked(decoded, report.problems, image_problem)
     if report.problems:
         save_report(report, out)
         raise DataError(
             f"--strict: {len(report.problems)} problems found, nothing written "
             f"(report: {report_path(out)})\n" + report.summary()
         )
+    return found
 
 
-def _write(out: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch], existing, fragment_rows: int) -> None:
-    """Stream ``batches`` into one Lance commit (create or append); commit nothing if there are none."""
+def _write(out: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch], existing,
+           fragment_rows: int) -> lance.LanceDataset | None:
+    """Stream ``batches`` into one Lance commit (create or append); commit nothing if there are none.
+
+    Returns:
+        The dataset at the version committed, or None when nothing was.
+    """
     peek = _Peekable(iter(batches))
     if peek.empty():
-        return
+        return None
     try:
-        lance.write_dataset(
+        return lance.write_dataset(
             peek.reader(schema),
             existing if existing is not None else str(out),
             schema=schema,

@@ -119,15 +119,27 @@ def is_commit_conflict(exc: BaseException) -> bool:
     return type(exc).__name__ == "CommitConflictError" or "commit conflict" in str(exc).lower()
 
 
-def retry_on_conflict(action: Callable[[], T], path: str | Path, what: str, tries: int = 5) -> T:
-    """Run ``action`` (which must re-open the dataset), again after a short pause if a concurrent commit won.
+def retry_on_conflict(action: Callable[..., T], path: str | Path, what: str, tries: int = 5, *,
+                      dataset: lance.LanceDataset | None = None) -> T:
+    """Run ``action``, again after a short pause if a concurrent commit won.
+
+    Args:
+        action: without ``dataset``, called with no argument (it must open the dataset itself); with it,
+            called with the dataset to build on.
+        path: the dataset directory.
+        what: what the action does, for the error (``"the embeddings were written"``).
+        tries: attempts before giving up.
+        dataset: an open handle: the first attempt uses it, so nothing is opened again unless a concurrent
+            commit won; later attempts get the dataset re-opened at its latest version.
 
     Raises:
         DataError: still conflicting after ``tries`` attempts; one line naming the dataset and ``what``.
     """
     for attempt in range(tries):
         try:
-            return action()
+            if dataset is None:
+                return action()
+            return action(dataset if attempt == 0 else open_dataset(path, check_files=False))
         except (OSError, ValueError, RuntimeError) as exc:
             if not is_commit_conflict(exc):
                 raise

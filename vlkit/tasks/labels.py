@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 import pyarrow.compute as pc
 
+from vlkit.data.classes import classes_from_rows, placeholder
 from vlkit.data.schema import class_names
 from vlkit.data.store import open_dataset, split_indices
 from vlkit.errors import DataError
@@ -27,14 +28,7 @@ def dataset_classes(dataset: str | Path) -> list[str]:
     if names:
         return list(names)
     table = ds.to_table(columns=["label", "class_name"])
-    by_label: dict[int, str] = {}
-    for label, name in zip(table.column("label").to_pylist(), table.column("class_name").to_pylist()):
-        if label is not None and name is not None:
-            by_label.setdefault(int(label), name)
-    labels = [x for x in table.column("label").to_pylist() if x is not None]
-    if not labels:
-        return []
-    return [by_label.get(i, f"class_{i}") for i in range(max(labels) + 1)]
+    return classes_from_rows(table.column("label").to_pylist(), table.column("class_name").to_pylist())
 
 
 def require_labels(dataset: str | Path, split: str, task: str) -> int:
@@ -70,10 +64,14 @@ def classes_present(labels: Iterable[int], names: Sequence[str]) -> list[str]:
         names: class names by label index.
 
     Returns:
-        ``[names[label] for each distinct label]``, sorted by label.
+        ``[names[label] for each distinct label]``, sorted by label; a label beyond ``names`` (rows labelled
+        after the class list was stored) is named ``class_<label>``.
 
     Example:
         >>> classes_present([2, 0, 2], ["cat", "dog", "bird"])
         ['cat', 'bird']
+        >>> classes_present([0, 5], ["cat", "dog"])
+        ['cat', 'class_5']
     """
-    return [names[label] for label in sorted({int(x) for x in labels})]
+    return [names[label] if 0 <= label < len(names) else placeholder(label)
+            for label in sorted({int(x) for x in labels})]
