@@ -181,6 +181,52 @@ def test_write_embeddings_is_one_commit_that_replaces_the_columns(tmp_path):
         ds.validate()
 
 
+def test_write_embeddings_takes_the_write_lock_and_retries_a_lost_race(tmp_path, monkeypatch):
+    import threading
+
+    from vlkit.data.store import write_lock
+    from vlkit.errors import DataError
+    from vlkit.search import embed
+
+    path = write_rows(tmp_path / "r.lance", {f"{i}.jpg": jpeg_bytes(size=(16, 16)) for i in range(3)})
+    emb = Embeddings(ids=["0.jpg", "1.jpg"], image=torch.ones(2, 4), text=torch.ones(1, 4),
+                     caption_image=torch.tensor([1]), captions=["a"])
+    with write_lock(path):  # an ingest holds the lock: the embeddings wait for it
+        done = threading.Thread(target=write_embeddings, args=(path, emb, "tag"))
+        done.start()
+        done.join(0.5)
+        assert done.is_alive() and IMAGE_COLUMN not in lance.dataset(str(path)).schema.names
+    done.join(30)
+    assert not done.is_alive() and IMAGE_COLUMN in lance.dataset(str(path)).schema.names
+
+    # a writer that takes no lock commits rows between the open and the commit: joined again on the new version
+    real, calls = embed.replace_columns, []
+
+    def racing(ds, table, on):
+        if not calls:
+            extra = {"9.jpg": jpeg_bytes(size=(16, 16))}
+            rows = rows_to_table([{"id": k, "image": v, "captions": [], "split": "train"} for k, v in extra.items()],
+                                 lance.dataset(str(path)).schema)
+            lance.write_dataset(rows, str(path), mode="append")
+        calls.append(ds.version)
+        return real(ds, table, on=on)
+
+    monkeypatch.setattr(embed, "replace_columns", racing)
+    before = lance.dataset(str(path)).version
+    assert write_embeddings(path, emb, "again") == before + 2 and calls == [before, before + 1]
+    rows = {r["id"]: r[IMAGE_COLUMN] for r in lance.dataset(str(path)).to_table(columns=["id", IMAGE_COLUMN])
+            .to_pylist()}
+    assert rows == {"0.jpg": [1.0] * 4, "1.jpg": [1.0] * 4, "2.jpg": None, "9.jpg": None}
+
+    def conflict(ds, table, on):
+        raise OSError("Retryable commit conflict for version 9: preempted by a concurrent transaction")
+
+    monkeypatch.setattr(embed, "replace_columns", conflict)
+    monkeypatch.setattr("vlkit.data.store.time.sleep", lambda s: None)
+    with pytest.raises(DataError, match=rf"^{path}: other processes kept changing the dataset while the embeddings"):
+        write_embeddings(path, emb, "third")
+
+
 def test_pixel_limit_from_environment_is_validated(monkeypatch):
     from vlkit.data.decode import max_pixels, set_max_pixels
     from vlkit.errors import VlkitError

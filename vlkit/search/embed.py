@@ -9,6 +9,7 @@ model's fingerprint in their field metadata, so embeddings can be traced to the 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from vlkit.data.columns import replace_columns
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
-from vlkit.data.store import open_dataset
+from vlkit.data.store import open_dataset, retry_on_conflict, write_lock
 from vlkit.errors import DataError
 from vlkit.search.loading import LoadedModel
 
@@ -111,12 +112,16 @@ def write_embeddings(dataset: str | Path, emb: Embeddings, tag: str, source: str
     """Add (or replace) the ``image_embedding`` and ``caption_embeddings`` columns of ``dataset``.
 
     Rows not in ``emb`` get nulls. The images are not rewritten: the new columns go into new data files, and
-    the dataset gains exactly one version (earlier embedding columns are replaced in the same commit).
+    the dataset gains exactly one version (earlier embedding columns are replaced in the same commit). The
+    commit is made under the dataset's write lock, so it takes its turn with ingests; a commit by a writer
+    that does not take the lock makes it join the columns again on the new version.
 
     Returns:
         The new version of the dataset.
+
+    Raises:
+        DataError: no such dataset, or other processes kept committing to it.
     """
-    ds = open_dataset(dataset)
     dim = emb.image.shape[1]
     meta = {b"vlkit.model": tag.encode(), b"vlkit.source": str(source).encode(), b"vlkit.dim": str(dim).encode()}
     per_image: list[list] = [[] for _ in emb.ids]
@@ -131,7 +136,13 @@ def write_embeddings(dataset: str | Path, emb: Embeddings, tag: str, source: str
          pa.FixedSizeListArray.from_arrays(pa.array(emb.image.numpy().astype(np.float32).ravel()), dim),
          pa.array([[v.tolist() for v in vs] for vs in per_image], pa.list_(vec))],
         schema=pa.schema([pa.field("id", pa.string()), image_type, text_type]))
-    return replace_columns(ds, table, on="id").version
+    def waiting() -> None:
+        print(f"waiting for another process writing to {dataset} ...", file=sys.stderr, flush=True)
+
+    with write_lock(dataset, on_wait=waiting):
+        ds = open_dataset(dataset)
+        return retry_on_conflict(lambda current: replace_columns(current, table, on="id"), dataset,
+                                 "the embeddings were written", dataset=ds).version
 
 
 def read_embeddings(dataset: str | Path) -> dict[str, str]:
