@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from vlkit.errors import VlkitError
 from vlkit.search.index import build_index, read_index_info
 from vlkit.search.loading import load_for_inference
 from vlkit.utils.fs import (MARKER_NAME, atomic_directory, check_output_dir, check_output_file, output_kind,
-                            remove_temporaries)
+                            remove_temporaries, write_marker)
 
 
 def _cli(capsys, *args) -> subprocess.CompletedProcess:
@@ -185,13 +186,15 @@ def test_quickstart_typo_touches_nothing(tmp_path, capsys, monkeypatch):
     (run / "metrics.jsonl").write_text('{"step": 10, "train/loss": 1.0}\n')
     (qs / "data.lance").mkdir()
     (qs / "sheet.png").write_bytes(b"png")
+    write_marker(qs, "quickstart")
     before = _snapshot(qs)
     monkeypatch.chdir(tmp_path)
     typo = _cli(capsys, "quickstart", "--out", qs, "epoch=3")  # a config error lists every problem
     assert typo.returncode == 2 and "epoch: unknown key" in typo.stderr and "Traceback" not in typo.stderr
     _one_line_error(_cli(capsys, "quickstart", "--out", qs, "--data", tmp_path / "missing.json"),
                     "missing.json", "no such file")
-    assert _snapshot(qs) == before and sorted(p.name for p in qs.iterdir()) == ["data.lance", "run", "sheet.png"]
+    assert _snapshot(qs) == before
+    assert sorted(p.name for p in qs.iterdir()) == [MARKER_NAME, "data.lance", "run", "sheet.png"]
     # the next run trains into a new numbered folder; resume=latest picks the newest
     assert _run_folder(qs, resume=False) == qs / "run-2"
     (qs / "run-2").mkdir()
@@ -246,3 +249,116 @@ def test_contact_sheet_and_plot_outputs_are_checked_before_any_work(synth, tmp_p
     with pytest.raises(VlkitError, match="is a directory"):
         plot_run(run)
     assert plot_run(run, run / "c.svg").read_text().lstrip().startswith("<?xml")
+
+
+# --- what counts as vlkit's own model folder ------------------------------------------------------------------
+
+
+def _foreign_hf_folder(path: Path) -> dict[str, bytes]:
+    path.mkdir()
+    (path / "config.json").write_text('{"architectures": ["CLIPModel"], "model_type": "clip"}')
+    (path / "model.safetensors").write_bytes(b"someone else's weights")
+    (path / "README.md").write_text("# my fine-tuned CLIP\n")
+    (path / "tokenizer_config.json").write_text("{}")
+    return _snapshot(path)
+
+
+def test_a_hugging_face_folder_is_never_replaced_but_vlkit_models_are(tmp_path):
+    import torch
+
+    import vlkit
+    from vlkit.models.clip.convert import export_hf
+    from vlkit.models.io import load_model, save_model
+
+    torch.manual_seed(0)
+    model = vlkit.create_model("clip-tiny", vocab_size=100, context_length=16)
+    foreign = tmp_path / "hf-checkout"
+    before = _foreign_hf_folder(foreign)
+    assert output_kind(foreign) is None
+    with pytest.raises(VlkitError, match="hf-checkout: the folder exists and is not an earlier vlkit model"):
+        save_model(model, foreign)
+    with pytest.raises(VlkitError, match="hf-checkout: the folder exists and is not an earlier vlkit model"):
+        export_hf(model, foreign)
+    assert _snapshot(foreign) == before and not _leftovers(tmp_path)
+
+    # vlkit's own folders are replaced: a saved model, an export (also by the other), each again
+    saved, exported = tmp_path / "saved", tmp_path / "exported"
+    save_model(model, saved)
+    export_hf(model, exported)
+    assert output_kind(saved) == output_kind(exported) == "model"
+    with torch.no_grad():
+        model.logit_scale.fill_(1.5)
+    save_model(model, saved)
+    export_hf(model, exported)
+    assert float(load_model(saved).logit_scale.detach()) == 1.5
+    assert json.loads((exported / "config.json").read_text())["logit_scale_init_value"] == pytest.approx(1.5)
+    save_model(model, exported)
+    assert float(load_model(exported).logit_scale.detach()) == 1.5 and not _leftovers(tmp_path)
+
+
+# --- quickstart: what decides a resume, and every output checked first --------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def _quickstart_until_ingest(capsys, monkeypatch, qs: Path, *overrides: str) -> list[Path]:
+    """Run ``vlkit quickstart --out qs OVERRIDES`` up to the ingest (stopped there); returns the run folders
+    checked as new runs. A refusal before that is returned as the failed process."""
+    new_runs: list[Path] = []
+    runlog = importlib.import_module("vlkit.train.runlog")
+    check = runlog.check_new_run_dir
+    monkeypatch.setattr(runlog, "check_new_run_dir", lambda d: (new_runs.append(Path(d)), check(d)))
+
+    def ingest(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(importlib.import_module("vlkit.data.ingest"), "ingest", ingest)
+    with pytest.raises(_Stop):
+        _cli(capsys, "quickstart", "--out", qs, *overrides)
+    return new_runs
+
+
+def _quickstart_folder(tmp_path: Path) -> Path:
+    qs = tmp_path / "qs"
+    (qs / "run" / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (qs / "run" / "checkpoints" / "latest").write_text("step-00000010")
+    (qs / "run" / "config.yaml").write_text("epochs: 2\n")
+    write_marker(qs, "quickstart")
+    return qs
+
+
+def test_quickstart_resume_is_read_from_the_config(tmp_path, capsys, monkeypatch):
+    qs = _quickstart_folder(tmp_path)
+    # resume=null is no resume: a new run folder, checked as one
+    assert _quickstart_until_ingest(capsys, monkeypatch, qs, "resume=null") == [qs / "run-2"]
+    assert _quickstart_until_ingest(capsys, monkeypatch, qs, "resume=latest") == []
+    _one_line_error(_cli(capsys, "quickstart", "--out", qs, f"output_dir={tmp_path / 'elsewhere'}"),
+                    "output_dir=", "--out")
+    other = tmp_path / "other" / "checkpoints" / "step-00000010"
+    _one_line_error(_cli(capsys, "quickstart", "--out", qs, f"resume={other}"), "not a checkpoint of a quickstart run")
+
+
+def test_quickstart_checks_index_and_sheet_before_writing(tmp_path, capsys, monkeypatch):
+    def ingest(*args, **kwargs):
+        raise AssertionError("the outputs must be checked before the ingest")
+
+    monkeypatch.setattr(importlib.import_module("vlkit.data.ingest"), "ingest", ingest)
+    qs = _quickstart_folder(tmp_path)
+    shutil.move(_notes(tmp_path), qs / "index")
+    before = _snapshot(qs)
+    _one_line_error(_cli(capsys, "quickstart", "--out", qs), "index", "not an earlier vlkit index")
+    assert _snapshot(qs) == before
+    shutil.rmtree(qs / "index")
+    (qs / "sheet.png").mkdir()
+    (qs / "sheet.png" / "keep.txt").write_text("mine")
+    before = _snapshot(qs)
+    _one_line_error(_cli(capsys, "quickstart", "--out", qs), "sheet.png", "is a directory")
+    assert _snapshot(qs) == before
+    # a folder that merely looks like one (a dataset and a sheet, no marker) is not a quickstart folder
+    looks = tmp_path / "looks"
+    (looks / "data.lance").mkdir(parents=True)
+    (looks / "sheet.png").write_bytes(b"my picture")
+    _one_line_error(_cli(capsys, "quickstart", "--out", looks), "not an earlier vlkit quickstart folder")
+    assert _snapshot(looks) == {"sheet.png": b"my picture"}

@@ -51,6 +51,15 @@ def _run_folder(out: Path, resume: bool) -> Path:
     return out / ("run" if newest == 1 else f"run-{newest}")
 
 
+def _holding_run(out: Path, checkpoint: str) -> Path:
+    """The quickstart run in ``out`` that holds ``checkpoint`` (``OUT/run-N/checkpoints/step-...``)."""
+    run_dir = Path(checkpoint).parent.parent
+    if Path(checkpoint).parent.name != "checkpoints" or run_dir.resolve().parent != out.resolve():
+        raise VlkitError(f"resume={checkpoint}: not a checkpoint of a quickstart run in {out} (OUT/run*/checkpoints/"
+                         "...); resume=latest continues the newest run")
+    return run_dir
+
+
 def run(args: argparse.Namespace) -> int:
     from vlkit.config.load import load_config
     from vlkit.config.recipes import recipe_path
@@ -63,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.train.plots import plot_run
     from vlkit.train.runlog import check_new_run_dir
     from vlkit.train.trainer import Trainer
-    from vlkit.utils.fs import check_output_dir, write_marker
+    from vlkit.utils.fs import atomic_write, check_output_dir, check_output_file, write_marker
 
     out = Path(args.out)
     sources = args.data or [SAMPLE / "captions.json", SAMPLE / "vqa_questions.json"]
@@ -73,8 +82,19 @@ def run(args: argparse.Namespace) -> int:
         if not Path(source).exists():
             raise VlkitError(f"{source}: no such file or folder")
     check_output_dir(out, "quickstart", inputs=sources, what="--out")
-    resume = any(o.startswith("resume=") for o in args.overrides)
-    run_dir = _run_folder(out, resume)
+    index_dir, sheet_path, summary_path = out / "index", out / "sheet.png", out / "summary.json"
+    check_output_dir(index_dir, "index", inputs=sources)
+    for path in (sheet_path, summary_path):
+        check_output_file(path, inputs=sources)
+    # the overrides decide whether this run resumes (read from the loaded config, as training reads them)
+    placeholder = str(out / "run")
+    cfg = load_config(recipe_path("quickstart"),
+                      [f"datasets.data.path={dataset}", f"output_dir={placeholder}", *args.overrides])
+    if cfg.output_dir != placeholder:
+        raise VlkitError(f"output_dir={cfg.output_dir}: quickstart trains into {out}/run, run-2, ... (each run "
+                         "a new folder); choose the working folder with --out instead")
+    resume = bool(cfg.resume)
+    run_dir = _run_folder(out, resume) if not resume or cfg.resume == "latest" else _holding_run(out, cfg.resume)
     overrides = [f"datasets.data.path={dataset}", f"output_dir={run_dir}", *args.overrides]
     cfg = load_config(recipe_path("quickstart"), overrides)
     if not resume:
@@ -88,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     info = dataset_info(dataset)
     print(f"      {info['images']} images, {info['captions']} captions, {info['questions']} questions, "
           f"splits {info['splits']}")
-    sheet = contact_sheet(dataset, out / "sheet.png", n=16)
+    sheet = contact_sheet(dataset, sheet_path, n=16)
 
     kept = "" if resume or run_dir.name == "run" else f" (the earlier runs in {out} are kept)"
     print(f"[2/6] train {cfg.model.name} for {cfg.epochs} epochs (batch {cfg.batch_size}) -> {run_dir}{kept}")
@@ -101,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"      {key:8s} {value:6.1f}")
     curves = plot_run(run_dir, run_dir / "curves.png")
     print(f"[4/6] training curves: {curves}")
-    index_dir = out / "index"
     info = build_index(load_for_inference(run_dir), dataset, index_dir)
     print(f"[5/6] search index of {info.images} images and {info.captions} captions -> {index_dir}")
     print(f"[6/6] example query {args.query!r}:")
@@ -115,5 +134,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  metrics      {run_dir / 'metrics.jsonl'}")
     print(f"  curves       {curves}")
     print(f"  index        {index_dir}   (vlkit search {index_dir} \"a dog on the grass\"; vlkit serve {index_dir})")
-    (out / "summary.json").write_text(json.dumps({"run": str(run_dir), "metrics": metrics}, indent=2))
+    atomic_write(summary_path, json.dumps({"run": str(run_dir), "metrics": metrics}, indent=2))
     return 0

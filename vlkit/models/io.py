@@ -54,7 +54,11 @@ def save_model(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) into ``directory``.
 
     The files are written to a temporary directory beside it, then moved into place, so an interrupted
-    save never leaves a half-written model.
+    save never leaves a half-written model. An existing ``directory`` is replaced only when it is empty or a
+    vlkit model folder (its ``config.json`` carries ``vlkit_version``), never another tool's model folder.
+
+    Raises:
+        VlkitError: ``directory`` holds files vlkit did not write, or cannot be written.
     """
     directory = Path(directory)
     with atomic_directory(directory) as tmp:

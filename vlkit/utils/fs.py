@@ -46,16 +46,44 @@ def _head(path: Path, n: int = 2000) -> str:
         return ""
 
 
-# Outputs written before the marker existed, recognised by their own files (checked in this order).
+def _json(path: Path) -> dict:
+    """The JSON object in ``path`` (a small file), or an empty dict when it is absent, unreadable or not one."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_model(d: Path) -> bool:
+    """A model folder vlkit wrote: ``model.safetensors`` and a ``config.json`` carrying ``vlkit_version``
+    (written by ``save_model`` beside ``architecture``, and by the Hugging Face export), so a model folder of
+    another tool (a Hugging Face checkout, with its README and tokenizer files) is never taken for one."""
+    return (d / "model.safetensors").is_file() and "vlkit_version" in _json(d / "config.json")
+
+
+def _is_checkpoint(d: Path) -> bool:
+    """A checkpoint vlkit wrote: ``state.pt`` with vlkit's ``manifest.json`` (a format number and a table of
+    files), or, written before manifests existed, ``state.pt`` alone inside a vlkit run's ``checkpoints/``."""
+    if not (d / "state.pt").is_file():
+        return False
+    manifest = _json(d / "manifest.json")
+    if isinstance(manifest.get("format"), int) and isinstance(manifest.get("files"), dict):
+        return True
+    return d.parent.name == "checkpoints" and output_kind(d.parent.parent) == "run"
+
+
+# Outputs written before the marker existed, recognised by their own files (checked in this order). A quickstart
+# folder is known by its marker only: a dataset beside a run or a sheet could be anyone's folder.
 _EARLIER: dict[str, Callable[[Path], bool]] = {
     "index": lambda d: (d / "index.json").is_file() and (d / "db").is_dir(),
     "report": lambda d: REPORT_GENERATOR in _head(d / "index.html"),
     "run": lambda d: (d / "config.yaml").is_file() and ((d / "metrics.jsonl").is_file()
                                                         or (d / "checkpoints").is_dir()),
-    "checkpoint": lambda d: (d / "state.pt").is_file(),
-    "model": lambda d: (d / "config.json").is_file() and (d / "model.safetensors").is_file(),
-    "quickstart": lambda d: (d / "data.lance").is_dir() and any(
-        os.path.lexists(d / name) for name in ("summary.json", "sheet.png", "run", "index")),
+    "checkpoint": _is_checkpoint,
+    "model": _is_model,
 }
 
 
@@ -283,7 +311,7 @@ def atomic_directory(directory: str | Path, kind: str = "model", *, inputs: Iter
 
     ``directory`` is checked first (:func:`check_output_dir`): an existing folder is replaced only when it is
     empty or an earlier vlkit output of ``kind``. The new folder carries the marker of ``kind`` (a model
-    folder is known by its ``config.json`` and ``model.safetensors`` instead). An
+    folder is known by its ``model.safetensors`` and the ``vlkit_version`` in its ``config.json`` instead). An
     interruption (exception, kill) leaves the old ``directory`` as it was and no half-written one.
 
     Args:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlkit import __version__
 from vlkit.errors import VlkitError
 from vlkit.utils.fs import atomic_directory
 from vlkit.models.clip.model import CLIP, CLIPConfig
@@ -851,11 +852,14 @@ def export_hf(model: CLIP, directory: str | Path) -> Path:
     ``preprocessor_config.json``, and ``tokenizer.json`` when the model's preprocessing names one), which
     ``transformers.CLIPModel.from_pretrained(directory)`` loads and which computes the same embeddings.
 
-    The logit scale is written clamped to ``max_logit_scale`` (HF does not clamp). The files are written to a
-    temporary directory beside ``directory``, then moved into place.
+    The logit scale is written clamped to ``max_logit_scale`` (HF does not clamp). ``config.json`` carries
+    ``vlkit_version``: an existing ``directory`` is replaced only when it is such an export (or another vlkit
+    model folder), never a Hugging Face folder vlkit did not write. The files are written to a temporary
+    directory beside ``directory``, then moved into place.
 
     Raises:
-        VlkitError: see :func:`hf_config_dict`; transformers not installed.
+        VlkitError: see :func:`hf_config_dict`; transformers not installed; ``directory`` holds files vlkit did
+            not write.
     """
     try:
         import transformers
@@ -865,6 +869,7 @@ def export_hf(model: CLIP, directory: str | Path) -> Path:
 
     hf_config = transformers.CLIPConfig(**hf_config_dict(model))
     hf_config.architectures = ["CLIPModel"]
+    hf_config.vlkit_version = __version__  # what marks the folder as vlkit's export, so exporting again replaces it
     state = HF_KEYS.from_vlkit(model.state_dict())
     logit_scale = torch.tensor(hf_config.logit_scale_init_value, dtype=model.logit_scale.dtype)
     state["logit_scale"] = logit_scale
