@@ -179,3 +179,55 @@ def test_torn_metrics_line_is_skipped_by_readers(tmp_path):
     assert torn == [3]
     log.truncate_after(1)
     assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1]
+
+
+def test_resume_continues_only_the_run_that_holds_the_checkpoint(trained_run, tmp_path):
+    a = _copy_run(trained_run, tmp_path)
+    b = tmp_path / "b"
+    shutil.copytree(trained_run[0], b)
+    step = _steps(a)[0]
+    assert step.name != (a / "checkpoints" / "latest").read_text().strip()  # b would be cut back to it
+    before = {run: _snapshot(run) for run in (a, b)}
+    for output_dir in (b, tmp_path / "new"):
+        cfg = load_config(a / "config.yaml", [f"output_dir={output_dir}", f"resume={step}", "tensorboard=false"])
+        with pytest.raises(VlkitError, match=r"not a checkpoint of output_dir .*resume continues the run that "
+                                             r"holds the checkpoint.*model\.pretrained="):
+            Trainer(cfg)
+    cfg = load_config(a / "config.yaml", [f"output_dir={tmp_path / 'new'}", "resume=latest", "tensorboard=false"])
+    with pytest.raises(VlkitError, match="resume=latest: no checkpoint in"):
+        Trainer(cfg)
+    assert {run: _snapshot(run) for run in (a, b)} == before and not (tmp_path / "new").exists()
+    # the run's own checkpoint, named by a path that is not spelled as output_dir is: resumed
+    cfg = load_config(a / "config.yaml", [f"output_dir={a}", f"resume={a}/../{a.name}/checkpoints/{step.name}",
+                                          "tensorboard=false"])
+    assert Trainer(cfg).global_step == int(step.name.split("-")[1])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_checkpoint_is_known_by_vlkit_files_not_by_a_state_pt(tmp_path):
+    from vlkit.utils.fs import atomic_directory, output_kind
+
+    mine = tmp_path / "experiments" / "best"  # someone's folder that happens to hold a state.pt
+    mine.mkdir(parents=True)
+    (mine / STATE_NAME).write_bytes(b"my own state")
+    (mine / "notes.txt").write_text("lr sweep\n")
+    assert output_kind(mine) is None
+    with pytest.raises(VlkitError, match="not an earlier vlkit checkpoint"):
+        with atomic_directory(mine, "checkpoint"):
+            pass
+    assert _snapshot(mine) == {STATE_NAME: b"my own state", "notes.txt": b"lr sweep\n"}
+    # vlkit's own: a manifest beside state.pt, or (before manifests) a state.pt in a vlkit run's checkpoints/
+    with_manifest = tmp_path / "ckpt"
+    with_manifest.mkdir()
+    torch.save({"w": torch.zeros(1)}, with_manifest / STATE_NAME)
+    write_manifest(with_manifest)
+    run = tmp_path / "run"
+    older = run / "checkpoints" / "best"
+    older.mkdir(parents=True)
+    (older / STATE_NAME).write_bytes(b"older")
+    assert output_kind(older) is None  # not yet a run: no config.yaml
+    (run / "config.yaml").write_text("epochs: 1\n")
+    assert output_kind(with_manifest) == output_kind(older) == "checkpoint"

@@ -164,6 +164,30 @@ def _warn(message: str) -> None:
     print(f"vlkit: warning: {message}", file=sys.stderr)
 
 
+def check_resume_target(resume: str, run_dir: Path) -> None:
+    """Raise unless ``resume`` names a checkpoint of the run in ``run_dir`` (checked before any work or writing).
+
+    Resuming continues the run that holds the checkpoint: its metrics are cut back to the checkpoint's step,
+    its older checkpoints pruned, its ``best`` and ``model`` replaced. So ``latest`` needs a checkpoint in
+    ``run_dir/checkpoints``, and a checkpoint folder must lie in ``run_dir/checkpoints`` itself: resuming a
+    checkpoint of run A with ``output_dir`` B would rewrite B's files with A's run.
+
+    Raises:
+        VlkitError: no checkpoint in the run, or a checkpoint of another folder, saying what to do instead.
+    """
+    run_dir = Path(run_dir)
+    if resume == "latest":
+        if not _candidates(run_dir):
+            raise VlkitError(f"resume=latest: no checkpoint in {run_dir}/checkpoints")
+        return
+    path = Path(resume)
+    if path.resolve().parent != (run_dir / "checkpoints").resolve():
+        raise VlkitError(f"resume={resume}: not a checkpoint of output_dir {run_dir} (it is not in "
+                         f"{run_dir / 'checkpoints'}); resume continues the run that holds the checkpoint, so set "
+                         "output_dir to that run's folder; to start a new run from trained weights, use "
+                         "model.pretrained=RUN/model with a new output_dir")
+
+
 def open_resume_checkpoint(resume: str, run_dir: Path,
                            warn: Callable[[str], None] = _warn) -> tuple[Path, dict[str, Any]]:
     """The checkpoint to resume from and its state.
@@ -172,8 +196,10 @@ def open_resume_checkpoint(resume: str, run_dir: Path,
     instead, and ``warn`` says so. Anything else is a checkpoint folder, which must be intact.
 
     Raises:
-        VlkitError: no checkpoint, no intact checkpoint, or a damaged or unsafe explicit one.
+        VlkitError: no checkpoint, no intact checkpoint, a checkpoint of another folder (see
+            :func:`check_resume_target`), or a damaged or unsafe explicit one.
     """
+    check_resume_target(resume, run_dir)
     if resume != "latest":
         path = Path(resume)
         return path, load_checkpoint(resolve_checkpoint(resume, run_dir))
