@@ -58,22 +58,14 @@ def check_dataset(key: str, data: DatasetConfig, tasks: Sequence[TaskConfig]) ->
     Returns:
         One ``datasets.<key>...: what is wrong`` line per problem.
     """
-    import lance
+    from vlkit.data.store import open_dataset
 
     where, path = f"datasets.{key}", Path(data.path)
-    if not path.exists():
-        return [f"{where}.path: {path}: no such dataset (create one with 'vlkit ingest ... --out {path}')"]
     try:
-        ds = lance.dataset(str(path))
-        names = ds.schema.names
-    except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return [f"{where}.path: {path}: not a Lance dataset made by 'vlkit ingest' ({first})"]
-    from vlkit.data.store import damaged_error, missing_data_files
-
-    missing = missing_data_files(ds)
-    if missing:
-        return [f"{where}.path: {damaged_error(path, missing)}"]
+        ds = open_dataset(path)  # exists, is a Lance dataset, no data file missing
+    except DataError as exc:
+        return [f"{where}.path: {exc}"]
+    names = ds.schema.names
     if "split" not in names:
         return [f"{where}.path: {path}: has no 'split' column; is it a dataset made by 'vlkit ingest'?"]
     problems: list[str] = []

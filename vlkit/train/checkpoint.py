@@ -202,7 +202,9 @@ def open_resume_checkpoint(resume: str, run_dir: Path,
     check_resume_target(resume, run_dir)
     if resume != "latest":
         path = Path(resume)
-        return path, load_checkpoint(resolve_checkpoint(resume, run_dir))
+        if not (path / STATE_NAME).exists():
+            raise VlkitError(f"resume: {path} is not a checkpoint (no {STATE_NAME})")
+        return path, load_checkpoint(path)
     candidates = _candidates(run_dir)
     if not candidates:
         raise VlkitError(f"resume=latest: no checkpoint in {run_dir}/checkpoints")
@@ -219,18 +221,15 @@ def open_resume_checkpoint(resume: str, run_dir: Path,
     raise VlkitError(f"resume=latest: no intact checkpoint in {run_dir}/checkpoints ({problems[0]})")
 
 
-def resolve_checkpoint(resume: str, run_dir: Path) -> Path:
-    """``latest`` (the run directory's newest complete checkpoint) or a checkpoint directory."""
-    if resume == "latest":
-        pointer = run_dir / "checkpoints" / "latest"
-        if not pointer.exists():
-            raise VlkitError(f"resume=latest: no checkpoint in {run_dir}/checkpoints")
-        path = run_dir / "checkpoints" / pointer.read_text().strip()
-    else:
-        path = Path(resume)
-    if not (path / STATE_NAME).exists():
-        raise VlkitError(f"resume: {path} is not a checkpoint (no {STATE_NAME})")
-    return path
+def newest_intact_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names when it is intact, else the newest intact step checkpoint, or None."""
+    for path in _candidates(Path(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint:
+            continue
+        return path
+    return None
 
 
 def _legacy_numpy_globals() -> list:

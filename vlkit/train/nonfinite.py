@@ -8,13 +8,11 @@ the update.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from vlkit.errors import VlkitError
-
-_STEP_DIR = re.compile(r"^step-\d+$")
+from vlkit.train.checkpoint import newest_intact_checkpoint
 
 
 def non_finite(named: dict[str, float]) -> list[str]:
@@ -22,30 +20,9 @@ def non_finite(named: dict[str, float]) -> list[str]:
     return [f"{what} is {value}" for what, value in named.items() if not math.isfinite(value)]
 
 
-def last_good_checkpoint(run_dir: Path) -> Path | None:
-    """The newest intact step checkpoint under ``run_dir/checkpoints`` (checked against its manifest when
-    the checkpoint module can), or None."""
-    from vlkit.train import checkpoint
-
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    verify = getattr(checkpoint, "verify_checkpoint", None)
-    for path in sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), reverse=True):
-        if not (path / checkpoint.STATE_NAME).is_file():
-            continue
-        if verify is not None:
-            try:
-                verify(path)
-            except VlkitError:
-                continue
-        return path
-    return None
-
-
 def nonfinite_error(step: int, problems: Sequence[str], run_dir: Path) -> VlkitError:
     """The error that stops a run at ``step``: what was not finite, and the checkpoint to go back to."""
-    good = last_good_checkpoint(run_dir)
+    good = newest_intact_checkpoint(run_dir)
     where = f"last good checkpoint: {good if good is not None else 'none yet'}"
     return VlkitError(f"step {step}: {'; '.join(problems)}; training stopped before applying this step ({where}). "
                       f"Lower the learning rates or raise optim.eps, or set nonfinite=skip to drop such steps")
