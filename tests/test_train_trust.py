@@ -171,6 +171,16 @@ def test_skip_drops_the_non_finite_step_and_counts_it(synth, tmp_path):
     step = next(iter(trainer.optimizer.state_dict()["state"].values()))["step"]
     assert float(step) == 2  # AdamW took 2 of the 3 steps
 
+    # the count is part of the run's state: a resumed run goes on counting from it
+    cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", "tasks=[{name: retrieval, dataset: synth}]",
+                             f"output_dir={tmp_path / 'run'}", *NAN_RUN, "nonfinite=skip", "resume=latest",
+                             "max_steps=4"])
+    resumed = Trainer(cfg)
+    assert resumed.skipped_steps == 1
+    resumed.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in rows if r["step"] == 4 and "train/skipped_steps" in r] == [1]
+
 
 def test_a_non_finite_gradient_stops_the_run_even_without_clipping(synth, tmp_path):
     """A finite loss whose gradient overflowed: caught by the gradient norm, measured also when not clipping."""

@@ -199,6 +199,7 @@ class Trainer:
         self.epoch = self.step_in_epoch = self.global_step = 0
         self._task_iters: dict[int, Any] = {}
         self.best: float | None = None
+        self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient norm (nonfinite=skip)
         self.last_eval: dict[str, float] = {}
         self.log = RunLog(self.run_dir, cfg.tensorboard) if self.dist.is_main else None
         if cfg.resume:
@@ -232,7 +233,7 @@ class Trainer:
             "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                          "task_epoch": list(self.task_epoch), "task_batch": list(self.task_batch)},
             "task_sampler": self.task_sampler.state_dict() if self.task_sampler is not None else None,
-            "best": self.best, "fingerprint": model_fingerprint(self.cfg),
+            "best": self.best, "skipped_steps": self.skipped_steps, "fingerprint": model_fingerprint(self.cfg),
             "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
         }
 
@@ -268,6 +269,7 @@ class Trainer:
         if self.task_sampler is not None and state.get("task_sampler") is not None:
             self.task_sampler.load_state_dict(state["task_sampler"])
         self.best = state["best"]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_states(state["rng"])
         if self.log is not None:
             self.log.truncate_after(self.global_step)
@@ -327,8 +329,6 @@ class Trainer:
         # train/lr: the heads' rate (a model without head parameters: lr_head under the same schedule)
         logs["train/lr"] = rates.get("head", self.cfg.optim.lr_head * factor)
         return logs
-
-    skipped_steps = 0  # steps dropped for a non-finite loss or gradient norm (nonfinite=skip)
 
     def _skip_nonfinite(self, tasks: list[nn.Module], logs: dict[str, float]) -> bool:
         """Whether this step must be dropped: a task's loss (or, without a gradient scaler, which skips
