@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlkit.data.records import Problem
+from vlkit.utils.fs import atomic_write
 
 
 @dataclass
@@ -81,10 +82,7 @@ def save_report(report: IngestReport, out: Path) -> Path:
     """
     path = report_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report.to_dict(), indent=2)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(report.to_dict(), indent=2))
     with open(log_path(out), "a", encoding="utf-8") as fh:
         fh.write(json.dumps(report.to_dict()) + "\n")
     return path

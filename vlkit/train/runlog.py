@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vlkit.errors import VlkitError
-from vlkit.utils.fs import MARKER_NAME, output_kind
+from vlkit.utils.fs import MARKER_NAME, atomic_write, output_kind
 
 METRICS_NAME = "metrics.jsonl"
 # what a run writes at the top of its folder
@@ -126,9 +126,7 @@ class RunLog:
                   f"{text[:60]!r}", file=sys.stderr)
 
         keep = [row for row in read_metrics(self.path, on_torn=torn) if row["step"] <= step]
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         with open(self.path, "a") as fh:
