@@ -10,7 +10,7 @@ A config goes through three stages:
 Every problem found in stages 2 and 3 is collected, and all of them are reported together
 in one :class:`ConfigError`, one line per problem, each line starting with the key path::
 
-    invalid config configs/x.yaml (2 problems):
+    invalid config my.yaml (2 problems):
     optim.lr_head: expected a float, got 'fast'
     trainer: unknown key (did you mean 'train'?)
 
@@ -137,7 +137,7 @@ def load_config(
             ``key.path: what is wrong`` line each.
 
     Example:
-        >>> cfg = load_config("configs/synth_clip_tiny.yaml", ["optim.lr_head=1e-3", "epochs=2"])
+        >>> cfg = load_config(recipe_path("synth_clip_tiny"), ["optim.lr_head=1e-3", "epochs=2"])
     """
     source = str(path) if path is not None else "(defaults)"
     data: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}

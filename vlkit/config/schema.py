@@ -1,4 +1,4 @@
-"""The schema of a training config. Every YAML recipe in ``configs/`` is checked against it.
+"""The schema of a training config. Every shipped recipe (``vlkit/configs/``) is checked against it.
 
 Every numeric key declares the values that make sense with :func:`ranged` (a :class:`Range` in the field's
 metadata); the validation in :mod:`vlkit.config.validate` checks them with the types, and reports every value
