@@ -17,6 +17,7 @@ Files, folders and the ``latest`` pointer are fsync'ed before they are renamed i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 import random
@@ -73,21 +74,45 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    """Record the SHA-256 and size of every file in ``directory`` in ``manifest.json``."""
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+class _HashingWriter:
+    """A file for ``torch.save`` that hashes what it writes (torch writes its archive sequentially)."""
+
+    def __init__(self, fh):
+        self.fh, self.digest, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def write_manifest(directory: Path, known: dict[str, tuple[str, int]] | None = None) -> None:
+    """Record the SHA-256 and size of every file in ``directory`` in ``manifest.json``.
+
+    Args:
+        known: ``{name: (sha256, bytes)}`` of files hashed while they were written (not read again).
+    """
+    known = known or {}
+    files = {p.name: dict(zip(("sha256", "bytes"), known.get(p.name) or (_sha256(p), p.stat().st_size)))
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
     (directory / MANIFEST_NAME).write_text(json.dumps({"format": 1, "files": files}, indent=2) + "\n")
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path, contents: dict[str, bytes] | None = None) -> None:
     """Check every file of the checkpoint ``path`` against its manifest.
 
     A checkpoint written before manifests existed (no ``manifest.json``) is accepted unchecked.
 
+    Args:
+        contents: ``{name: bytes}`` of files the caller has already read (checked without reading them again).
+
     Raises:
         DamagedCheckpoint: a file is missing, of another size or another checksum, naming it.
     """
+    contents = contents or {}
     manifest = path / MANIFEST_NAME
     if not manifest.exists():
         if not (path / STATE_NAME).is_file():
@@ -104,7 +129,11 @@ def verify_checkpoint(path: Path) -> None:
         file = path / name
         if not file.is_file() or "/" in name:
             raise DamagedCheckpoint(f"{path}: damaged checkpoint: {name} is missing")
-        if file.stat().st_size != size or _sha256(file) != sha:
+        data = contents.get(name)
+        actual = (len(data), hashlib.sha256(data).hexdigest()) if data is not None else None
+        if actual is None and file.stat().st_size == size:
+            actual = (size, _sha256(file))
+        if actual != (size, sha):
             raise DamagedCheckpoint(f"{path}: damaged checkpoint: {name} does not match its SHA-256 in "
                                     f"{MANIFEST_NAME} (the file was changed or corrupted)")
 
@@ -130,10 +159,12 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
     final = root / f"step-{step:08d}"
     with atomic_directory(final, "checkpoint", durable=True) as tmp:
         try:
-            torch.save(state, tmp / STATE_NAME)
-        except RuntimeError as exc:  # torch reports a failed write (full disk) as a RuntimeError
+            with open(tmp / STATE_NAME, "wb") as fh:
+                writer = _HashingWriter(fh)
+                torch.save(state, writer)
+        except (RuntimeError, OSError) as exc:  # torch reports a failed write (full disk) as a RuntimeError
             raise VlkitError(f"{final}: cannot write the checkpoint ({str(exc).splitlines()[0]})") from None
-        write_manifest(tmp)
+        write_manifest(tmp, {STATE_NAME: (writer.digest.hexdigest(), writer.size)})
     atomic_write(root / "latest", final.name, durable=True)
     if best:
         with atomic_directory(root / "best", "checkpoint", durable=True) as tmp:
@@ -253,10 +284,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         VlkitError: ``state.pt`` holds Python objects vlkit does not load (it could run code).
     """
     path = Path(path)
-    verify_checkpoint(path)
+    try:
+        data = (path / STATE_NAME).read_bytes()  # read once: checked against the manifest, then loaded
+    except OSError as exc:
+        raise DamagedCheckpoint(f"{path}: unreadable checkpoint ({exc.strerror or exc})") from None
+    verify_checkpoint(path, {STATE_NAME: data})
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = f" ({found.group(1)})" if found else ""
