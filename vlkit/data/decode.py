@@ -103,19 +103,34 @@ def load_image(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_rgb(data: bytes, draft: int | None = None, limit: int | None = None) -> Image.Image:
-    """Encoded bytes to an RGB image, bounded by the pixel limit.
+def decode_rgb_scaled(data: bytes, draft: int | None = None,
+                      limit: int | None = None) -> tuple[Image.Image, tuple[int, int], float]:
+    """Encoded bytes to an RGB image, bounded by the pixel limit, with the scale JPEG draft mode applied.
 
     Args:
         data: the encoded image.
         draft: decode JPEGs at a reduced scale whose sides stay >= ``draft`` pixels (None: full size).
         limit: the pixel limit (None: :func:`max_pixels`).
+
+    Returns:
+        The RGB image, the original (width, height), and the reduction factor of draft mode (1.0 when none):
+        original pixel coordinates divided by it give coordinates in the decoded image.
     """
     img = open_image(data, limit)
+    original_size, factor = img.size, 1.0
     if draft is not None and img.format == "JPEG":
-        img.draft("RGB", (draft, draft))
+        # Requesting (m, m) makes Pillow pick the largest scale 1/s with s <= min(W // m, H // m), so both
+        # decoded sides stay >= m.
+        drafted = img.draft("RGB", (draft, draft))
+        if drafted is not None:
+            factor = original_size[0] / drafted[1][2]
     img = load_image(img)
     try:
-        return img if img.mode == "RGB" else img.convert("RGB")
+        return (img if img.mode == "RGB" else img.convert("RGB")), original_size, factor
     except DECODE_ERRORS as exc:
         raise ImageDecodeError(f"cannot convert image to RGB ({exc})") from None
+
+
+def decode_rgb(data: bytes, draft: int | None = None, limit: int | None = None) -> Image.Image:
+    """Encoded bytes to an RGB image, bounded by the pixel limit (see :func:`decode_rgb_scaled`)."""
+    return decode_rgb_scaled(data, draft, limit)[0]

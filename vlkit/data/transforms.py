@@ -32,7 +32,7 @@ from vlkit.data.crops import (  # noqa: F401 - the geometric transforms are part
     random_resized_crop_box,
     resize_shorter,
 )
-from vlkit.data.decode import DECODE_ERRORS, ImageDecodeError, load_image, open_image
+from vlkit.data.decode import ImageDecodeError, decode_rgb_scaled
 from vlkit.errors import DataError, VlkitError
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -69,8 +69,8 @@ def _decode_scaled(
 ) -> tuple[Image.Image, tuple[int, int], float]:
     """Decode bytes to RGB, with JPEG draft mode when ``min_size`` allows it.
 
-    The image is opened once with :func:`vlkit.data.decode.open_image`, which checks the
-    size in the header against the pixel limit before any pixel is decoded.
+    The image is opened once (:func:`vlkit.data.decode.decode_rgb_scaled`), and the size in
+    its header is checked against the pixel limit before any pixel is decoded.
 
     Args:
         data: encoded image.
@@ -85,24 +85,10 @@ def _decode_scaled(
     Raises:
         ImageError: the bytes are not a readable image, or it has more pixels than the limit.
     """
-    factor = 1.0
     try:
-        img = open_image(data)
-        original_size = img.size
-        if min_size is not None and img.format == "JPEG":
-            # Requesting (m, m) makes Pillow pick the largest scale 1/s with
-            # s <= min(W // m, H // m), so both decoded sides stay >= m.
-            drafted = img.draft("RGB", (min_size, min_size))
-            if drafted is not None:
-                factor = original_size[0] / drafted[1][2]
-        img = load_image(img)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        return decode_rgb_scaled(data, min_size)
     except ImageDecodeError as exc:
         raise ImageError(str(exc), len(data)) from None
-    except DECODE_ERRORS as exc:  # convert() of an odd mode
-        raise ImageError(f"cannot convert to RGB ({exc})", len(data)) from None
-    return img, original_size, factor
 
 
 def decode(data: bytes, min_size: int | None = None) -> Image.Image:
