@@ -152,6 +152,23 @@ class TextTokenizer:
             attention_mask[i, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
+    def encode_plain(self, text: str) -> list[int]:
+        """The ids of ``text`` without the special tokens the post-processor adds (a prompt prefix, for
+        example), not truncated."""
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (e.g. ``[SEP]``), or None."""
+        return self._tok.token_to_id(token)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of a sequence of ids (special tokens dropped by default), as the tokenizer's decoder joins it
+        (WordPiece ``##`` pieces merged, byte-level BPE bytes restored)."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return self._tok.decode_batch([list(s) for s in sequences], skip_special_tokens=skip_special_tokens)
+
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer as ``tokenizer.json``.
 

@@ -100,6 +100,7 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
         kv_cache: KVCache | None = None,
+        context_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Attend from ``x`` [batch, q_len, dim] to itself or to ``context`` [batch, k_len, kv_dim].
 
@@ -109,16 +110,16 @@ class MultiHeadAttention(nn.Module):
             is_causal: each query attends only to keys at or before its position. With ``kv_cache``, the new
                 tokens follow the cached ones, so query i attends to keys ``< cached + i + 1``.
             kv_cache: self-attention cache for incremental decoding (keys/values of earlier tokens).
+            context_kv: cross-attention keys and values from :meth:`context_kv`, computed once per context
+                (incremental decoding); replaces ``context``.
 
         Returns:
             ``[batch, q_len, dim]``.
         """
         b, q_len, _ = x.shape
         if self.cross:
-            if context is None:
-                raise ValueError("cross-attention needs a context")
             q = self._heads(self.q_proj(x))
-            k, v = (self._heads(t) for t in self.kv_proj(context).chunk(2, dim=-1))
+            k, v = context_kv if context_kv is not None else self.context_kv(context)
         else:
             q, k, v = (self._heads(t) for t in self.in_proj(x).chunk(3, dim=-1))
         past = 0
@@ -136,6 +137,16 @@ class MultiHeadAttention(nn.Module):
         )  # [batch, heads, q_len, head_dim]
         out = out.transpose(1, 2).reshape(b, q_len, self.dim)
         return self.out_proj(out)
+
+    def context_kv(self, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of ``context`` [batch, k_len, kv_dim], each
+        ``[batch, heads, k_len, head_dim]``: computed once per image when decoding token by token."""
+        if not self.cross:
+            raise ValueError("context_kv is for cross-attention")
+        if context is None:
+            raise ValueError("cross-attention needs a context")
+        k, v = self.kv_proj(context).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
 
     def forward_at(self, x: Tensor, index: Tensor, is_causal: bool = False,
                    key_padding_mask: Tensor | None = None) -> Tensor:

@@ -83,10 +83,14 @@ class TransformerDecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None,
         context_padding_mask: Tensor | None = None, is_causal: bool = True, kv_cache: KVCache | None = None,
+        cross_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        """``cross_kv``: the cross-attention keys/values of ``context`` from ``cross_attn.context_kv`` (computed
+        once per image when decoding token by token; ``context`` may then be None)."""
         x = x + self.self_attn(self.ln_1(x), key_padding_mask=key_padding_mask, is_causal=is_causal,
                                kv_cache=kv_cache)
-        x = x + self.cross_attn(self.ln_cross(x), context, key_padding_mask=context_padding_mask)
+        x = x + self.cross_attn(self.ln_cross(x), context, key_padding_mask=context_padding_mask,
+                                context_kv=cross_kv)
         return x + self.mlp(self.ln_2(x))  # [batch, tokens, dim]
 
 
