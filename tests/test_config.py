@@ -74,7 +74,7 @@ def test_good_config_builds_nested_dataclasses(good):
     cfg = load_config(good)
     assert isinstance(cfg, TrainConfig)
     assert cfg.datasets["data"].path == "data.lance" and cfg.datasets["data"].val_split == "val"
-    assert cfg.tasks[0].dataset == "data" and cfg.tasks[0].loss == "contrastive"
+    assert cfg.tasks[0].dataset == "data" and cfg.tasks[0].loss is None  # the task's default (contrastive)
     assert cfg.optim.betas == (0.9, 0.98) and isinstance(cfg.optim.betas, tuple)
     assert cfg.model.lock is None and cfg.batch_size == 8
 
@@ -89,7 +89,7 @@ def test_every_problem_reported_at_once(tmp_path):
     assert found["optim.lr_head"] == "expected a float, got 'fast'"
     assert found["optim.betas"] == "expected a list of 2 floats, got a list of 1"
     assert found["datasets.data.path"] == "missing required value"
-    assert found["tasks.0.loss"].startswith("'clip' is not one of contrastive, momentum, siglip")
+    assert found["tasks.0.loss"].startswith("'clip' is not one of caption, coca, contrastive, momentum, siglip")
     assert "batch_size" in found and "grad_accum 3" in found["batch_size"]
     assert found["tasks.0.dataset"].startswith("'dta' is not a key of datasets")
     assert "did you mean 'data'?" in found["tasks.0.dataset"]
@@ -212,11 +212,11 @@ def test_round_trip(good, tmp_path):
 
 def test_choices_registry(good, monkeypatch):
     monkeypatch.setattr(config_load, "CHOICES", {k: set(v) for k, v in CHOICES.items()})
-    assert config_load.CHOICES["tasks.*.name"] == {"retrieval", "vqa", "itm", "classification"}
-    with pytest.raises(ConfigError, match="'captioning' is not one of"):
-        load_config(good, ["tasks.0.name=captioning"])
-    config_load.register_choice("tasks.*.name", "captioning")
-    assert load_config(good, ["tasks.0.name=captioning"]).tasks[0].name == "captioning"
+    assert config_load.CHOICES["tasks.*.name"] == {"retrieval", "captioning", "vqa", "itm", "classification"}
+    with pytest.raises(ConfigError, match="'nlvr2' is not one of"):
+        load_config(good, ["tasks.0.name=nlvr2"])
+    config_load.register_choice("tasks.*.name", "nlvr2")
+    assert load_config(good, ["tasks.0.name=nlvr2"]).tasks[0].name == "nlvr2"
     # a new pattern makes a field enumerated; * matches mapping keys too
     config_load.register_choice("datasets.*.train_split", "train", "all")
     with pytest.raises(ConfigError) as excinfo:
@@ -224,7 +224,7 @@ def test_choices_registry(good, monkeypatch):
     assert problems_of(excinfo)["datasets.data.train_split"].endswith("(did you mean 'train'?)")
     with pytest.raises(ValueError):
         register_choice("tasks..name", "x")
-    assert "captioning" not in CHOICES["tasks.*.name"]  # the real table was not touched
+    assert "nlvr2" not in CHOICES["tasks.*.name"]  # the real table was not touched
 
 
 def test_recipes(tmp_path):
@@ -284,3 +284,22 @@ def test_cli_list_show_cp(tmp_path):
     assert (tmp_path / "synth_clip_tiny.yaml").exists()
     proc = run_cli("configs", "show", "nope")
     assert proc.returncode == 2 and "vlkit: error: unknown recipe 'nope'" in proc.stderr
+
+
+def test_task_losses_and_captioning_keys_are_checked(good):
+    cfg = load_config(good, ["tasks.0.name=captioning", "tasks.0.loss=coca", "tasks.0.num_beams=5",
+                             "tasks.0.label_smoothing=0.1"])
+    assert (cfg.tasks[0].loss, cfg.tasks[0].num_beams, cfg.tasks[0].label_smoothing) == ("coca", 5, 0.1)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(good, ["tasks.0.name=captioning", "tasks.0.loss=siglip"])
+    assert problems_of(excinfo)["tasks.0.loss"] == ("task captioning has no loss 'siglip'; it must be one of "
+                                                    "caption, coca")
+    with pytest.raises(ConfigError) as excinfo:  # a retrieval task would silently ignore these
+        load_config(good, ["tasks.0.loss=caption", "tasks.0.num_beams=5", "tasks.0.label_smoothing=0.1"])
+    found = problems_of(excinfo)
+    assert found["tasks.0.loss"].startswith("task retrieval has no loss 'caption'")
+    assert found["tasks.0.num_beams"].startswith("only the captioning and vqa tasks read it")
+    assert found["tasks.0.label_smoothing"].startswith("only the captioning and vqa tasks read it")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(good, ["tasks.0.name=captioning", "tasks.0.label_smoothing=1.0"])
+    assert "label_smoothing" in problems_of(excinfo)["tasks.0.label_smoothing"]

@@ -53,9 +53,9 @@ CHOICES: dict[str, set[str]] = {
     "precision": {"fp32", "bf16", "fp16"},
     "distributed": {"ddp", "fsdp"},
     "device": {"auto", "cpu", "cuda"},
-    "tasks.*.name": {"retrieval", "vqa", "itm", "classification"},
+    "tasks.*.name": {"retrieval", "captioning", "vqa", "itm", "classification"},
     "sampling.strategy": {"all", "round_robin", "proportional", "fixed", "temperature"},
-    "tasks.*.loss": {"contrastive", "siglip", "momentum"},
+    "tasks.*.loss": {"contrastive", "siglip", "momentum", "caption", "coca"},
     "model.lock.tower": {"image", "text"},
     "nonfinite": {"stop", "skip"},
 }

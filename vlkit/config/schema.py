@@ -114,13 +114,23 @@ class DatasetConfig:
 class TaskConfig:
     """A task: what it reads from which dataset, its loss and its weight in the total loss."""
 
-    name: str = "retrieval"  # retrieval
+    name: str = "retrieval"  # retrieval | captioning | vqa | itm | classification
     dataset: str = "???"  # a key of `datasets`
-    loss: str = "contrastive"  # contrastive | siglip | momentum
+    # retrieval: contrastive (default) | siglip | momentum; captioning: caption (default) | coca (contrastive +
+    # captioning in one forward); null: the task's default
+    loss: Optional[str] = None
     # > 0: a negative weight would ascend the loss; a task that should not train belongs out of `tasks`
     weight: float = ranged(1.0, **POSITIVE)
     local_loss: bool = False  # distributed contrastive loss over local rows only
-    prompt: Optional[str] = None  # classification: the text paired with every image (default: its first caption)
+    # classification: the text paired with every image (default: its first caption); captioning: a prefix the
+    # decoder is given before every caption, e.g. "a picture of"
+    prompt: Optional[str] = None
+    # captioning (and generative vqa) only:
+    label_smoothing: float = ranged(0.0, lo=0, hi=1, hi_open=True, note="e.g. 0.1")
+    num_beams: int = ranged(3, **POSITIVE_INT)  # beam search width of the validation captions
+    max_new_tokens: int = ranged(30, **POSITIVE_INT)  # most tokens of a validation caption
+    min_new_tokens: int = ranged(1, **NON_NEGATIVE)  # the end token is not allowed before this many tokens
+    eval_images: Optional[int] = ranged(None, **POSITIVE_INT)  # caption only the first N validation images
 
 
 @dataclass

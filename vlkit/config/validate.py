@@ -200,6 +200,32 @@ def _sampling_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[s
                         f"remove it or set sampling.strategy=temperature")
 
 
+#: the losses each task reads (None: the task's default)
+TASK_LOSSES = {"retrieval": {"contrastive", "siglip", "momentum"}, "captioning": {"caption", "coca"}}
+#: task keys only some tasks read
+GENERATION_KEYS = ("label_smoothing", "num_beams", "max_new_tokens", "min_new_tokens", "eval_images")
+GENERATIVE_TASKS = ("captioning", "vqa")
+
+
+def _task_checks(cfg: TrainConfig, problems: list[str]) -> None:
+    """A loss the task does not have, and captioning keys set on a task that would not read them."""
+    for i, task in enumerate(cfg.tasks):
+        if not ok(task) or not ok(task.name) or not ok(task.loss):
+            continue
+        allowed = TASK_LOSSES.get(task.name, set())
+        if task.loss is not None and task.loss not in allowed:
+            what = f"one of {', '.join(sorted(allowed))}" if allowed else "left out (it has one loss)"
+            problems.append(f"tasks.{i}.loss: task {task.name} has no loss {task.loss!r}; it must be {what}")
+        if task.name in GENERATIVE_TASKS:
+            continue
+        defaults = fields(type(task))
+        for key in GENERATION_KEYS:
+            value = getattr(task, key)
+            if ok(value) and value != field_default(defaults[key]):
+                problems.append(f"tasks.{i}.{key}: only the captioning and vqa tasks read it (task is "
+                                f"{task.name!r}); remove it")
+
+
 def cross_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[str]) -> None:
     """Checks that involve more than one field of a :class:`TrainConfig` (``data``: the raw mapping)."""
     if ok(cfg.batch_size, cfg.grad_accum) and cfg.batch_size % cfg.grad_accum:
@@ -210,6 +236,7 @@ def cross_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[str])
     if not cfg.tasks:
         problems.append("tasks: at least one task is required, e.g. [{name: retrieval, dataset: NAME}]")
     datasets = cfg.datasets if ok(cfg.datasets) else None
+    _task_checks(cfg, problems)
     for i, task in enumerate(cfg.tasks):
         if datasets is None or not ok(task) or not ok(task.dataset) or task.dataset in datasets:
             continue
