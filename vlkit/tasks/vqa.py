@@ -5,8 +5,12 @@ a soft target per answer, ``min(humans who gave it / 3, 1)``; the loss is binary
 answers. Evaluation answers every question of the validation split with the top-scoring answer and reports
 the standard VQA accuracy (with the official answer normalisation) beside the majority-answer baseline.
 
-The model must be a fusion model built with ``answers`` (the trainer does this for a config with a VQA task):
-its ``forward(images, input_ids, attention_mask, head="answer")`` returns answer logits.
+The model is either a fusion model built with ``answers`` (the trainer does this for a config with a VQA task),
+whose ``forward(images, input_ids, attention_mask, head="answer")`` returns answer logits, or a generative model
+(a text decoder, see :mod:`vlkit.inference.interface`) that writes the answer after a prompt
+``question: ... answer:`` (the task's ``prompt``, with ``{question}`` where the question goes, replaces it):
+trained by teacher forcing on one human answer per question (drawn in proportion to how many people gave it),
+evaluated on the answers it generates, normalised as the official evaluation does.
 """
 
 from __future__ import annotations
@@ -24,13 +28,26 @@ from vlkit.data.answers import AnswerVocab
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.errors import VlkitError
+from vlkit.inference.captions import write_captions
+from vlkit.inference.interface import is_generative
 from vlkit.metrics.vqa import vqa_metrics
+from vlkit.modules.losses.captioning import caption_loss
 from vlkit.tasks import register_task
 from vlkit.tasks.base import Task
 from vlkit.tasks.retrieval import _no_sync, unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 QA_COLUMNS = ["questions", "answers"]
+#: the prompt a generative model answers after
+VQA_PROMPT = "question: {question} answer:"
+
+
+def vqa_prompts(questions: list[str], template: str | None = None) -> list[str]:
+    """The decoder prompts of ``questions`` (``template`` with ``{question}``; default :data:`VQA_PROMPT`)."""
+    template = template or VQA_PROMPT
+    if "{question}" not in template:
+        raise VlkitError(f"the vqa prompt {template!r} has no {{question}} placeholder")
+    return [template.replace("{question}", q.strip()) for q in questions]
 
 
 def model_answers(model: nn.Module) -> AnswerVocab:
@@ -99,6 +116,8 @@ class VQATask(Task):
     # ------------------------------------------------------------------ loss
     def forward_backward(self, model: nn.Module, batch: dict[str, Any], micro_batches: int, autocast,
                          loss_scale: float = 1.0, scaler=None) -> dict[str, float]:
+        if is_generative(model):
+            return self._generative_step(model, batch, micro_batches, autocast, loss_scale, scaler)
         vocab = self.vocab(model)
         owner, questions, answers = expand_questions(batch, self._pick)
         targets = torch.stack([vocab.targets(a) for a in answers]).to(self.dist.device)  # [batch, answers]
@@ -118,12 +137,57 @@ class VQATask(Task):
             total += float(loss.detach()) * weight
         return {"loss": total}
 
+    def _generative_step(self, model: nn.Module, batch: dict[str, Any], micro_batches: int, autocast,
+                         loss_scale: float, scaler) -> dict[str, float]:
+        """Teacher forcing on ``prompt answer`` for one question per image and one answer per question."""
+        inner = unwrap(model)
+        owner, questions, answers = expand_questions(batch, self._pick)
+        picked = [self._pick_answer(batch["index"][o].item(), a) for o, a in zip(owner, answers)]
+        keep = [i for i, a in enumerate(picked) if a]
+        if not keep:
+            raise VlkitError(f"dataset {self.key}: a training batch has no answered question")
+        prompts = vqa_prompts([questions[i] for i in keep], self.cfg.prompt)
+        targets = [picked[i] for i in keep]
+        images_all = batch["image"][torch.tensor([owner[i] for i in keep], dtype=torch.long)]
+        size = -(-len(keep) // micro_batches)
+        total = 0.0
+        starts = list(range(0, len(keep), size))
+        for n, start in enumerate(starts):
+            part = slice(start, start + size)
+            weight = len(targets[part]) / len(targets)
+            ids, mask, labels = answer_inputs(self.tokenizer, inner.generation, prompts[part], targets[part])
+            device = self.dist.device
+            sync = _no_sync(model) if n < len(starts) - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    logits = model(images_all[part].to(device, non_blocking=True), ids.to(device), mask.to(device),
+                                   head="caption")
+                    loss = caption_loss(logits, labels.to(device), self.cfg.label_smoothing).loss
+                scaled = loss * self.cfg.weight * loss_scale * weight
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += float(loss.detach()) * weight
+        return {"loss": total}
+
+    def _pick_answer(self, index: int, answers: list[str]) -> str | None:
+        """One of the human answers, drawn in proportion to how many gave it (seeded by epoch and row)."""
+        answers = [a for a in answers if a and a.strip()]
+        if not answers:
+            return None
+        return random.Random(f"{self.seed}:vqa-answer:{self.train_set.epoch}:{index}").choice(answers)
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, model: nn.Module, autocast, batch_size: int = 64) -> dict[str, float]:
         """VQA accuracy on the validation split's questions (every rank answers its share)."""
         if not self.data.val_split:
             return {}
+        if is_generative(model):
+            result = answer_split(model, self.tokenizer, self.dataset(self.data.val_split, train=False), self.dist,
+                                  autocast, batch_size, prompt=self.cfg.prompt,
+                                  settings=answer_settings(self.cfg.num_beams, self.cfg.max_new_tokens))
+            metrics = vqa_metrics([p for p, _ in result], [a for _, a in result])
+            return {f"val/{self.key}/vqa_acc": float(metrics.accuracy),
+                    f"val/{self.key}/vqa_questions": float(len(result))}
         result = answer_split(model, self.tokenizer, self.dataset(self.data.val_split, train=False), self.dist,
                               autocast, batch_size)
         majority = self.vocab(model).majority()
@@ -139,10 +203,47 @@ def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / max(1, logits.shape[0])
 
 
+def answer_settings(num_beams: int = 1, max_new_tokens: int = 10) -> dict[str, Any]:
+    """Decoding options for short answers."""
+    return {"num_beams": num_beams, "max_new_tokens": min(max_new_tokens, 10), "min_new_tokens": 1}
+
+
+def answer_inputs(tokenizer, spec, prompts: list[str], answers: list[str]):
+    """``[bos] prompt answer [eos]`` per question, with labels on the answer and the end token only.
+
+    Returns:
+        ``(input_ids, attention_mask, labels)``, each ``[questions, length]``.
+    """
+    from vlkit.inference.captions import prompt_ids
+    from vlkit.modules.losses.captioning import IGNORE_INDEX
+
+    rows, starts = [], []
+    for prompt, answer in zip(prompts, answers):
+        head = [spec.bos_token_id, *prompt_ids(tokenizer, prompt)]
+        tail = tokenizer.encode_plain(answer) + [spec.eos_token_id]
+        row = (head + tail)[: spec.max_length]
+        if len(head) >= len(row):
+            raise VlkitError(f"the question prompt {prompt[:60]!r} fills the decoder's {spec.max_length} tokens")
+        rows.append(row)
+        starts.append(len(head))
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), spec.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, start - 1: len(row) - 1] = torch.tensor(row[start:])  # position t predicts token t + 1
+    return ids, mask, labels
+
+
 def answer_split(model: nn.Module, tokenizer, ds: LanceImageTextDataset, dist: DistInfo, autocast,
-                 batch_size: int = 64) -> list[tuple[str, list[str]]]:
-    """``(predicted answer, human answers)`` for every question of ``ds``, in dataset order."""
-    vocab = model_answers(model)
+                 batch_size: int = 64, prompt: str | None = None,
+                 settings: dict[str, Any] | None = None) -> list[tuple[str, list[str]]]:
+    """``(predicted answer, human answers)`` for every question of ``ds``, in dataset order: the top answer of
+    the answer head, or the answer a generative model writes after its prompt (``prompt``, ``settings``)."""
+    generative = is_generative(model)
+    vocab = None if generative else model_answers(model)
     sampler = DistributedEpochSampler(len(ds), dist.world_size, dist.rank, shuffle=False)
     loader = make_loader(ds, batch_size, sampler, num_workers=0)
     inner = unwrap(model)
@@ -154,9 +255,14 @@ def answer_split(model: nn.Module, tokenizer, ds: LanceImageTextDataset, dist: D
         tokens = tokenizer(questions)
         images = batch["image"][torch.tensor(owner, dtype=torch.long)].to(dist.device)
         with autocast:
-            logits = inner(images, tokens["input_ids"].to(dist.device), tokens["attention_mask"].to(dist.device),
-                           head="answer")
-        predicted = [vocab.answers[i] for i in logits.float().argmax(dim=-1).tolist()]
+            if generative:
+                written = write_captions(inner, tokenizer, images, vqa_prompts(questions, prompt),
+                                         **(settings or answer_settings()))
+                predicted = [w[0][0] for w in written]
+            else:
+                logits = inner(images, tokens["input_ids"].to(dist.device), tokens["attention_mask"].to(dist.device),
+                               head="answer")
+                predicted = [vocab.answers[i] for i in logits.float().argmax(dim=-1).tolist()]
         per_image: dict[int, list] = {}
         for pos, pred, ans in zip(owner, predicted, answers):
             per_image.setdefault(pos, []).append((pred, ans))

@@ -53,6 +53,23 @@ def training_answers(cfg: TrainConfig) -> list[str]:
 
 
 FUSION_PREFIXES = ("albef", "vilt")
+GENERATIVE_PREFIXES = ("coca", "captioner")
+#: small models trained from scratch on a word-level vocabulary built from the training captions, with the
+#: token ids their configs take from it
+WORD_VOCAB_MODELS = {
+    "albef": ("mask_token_id", "pad_token_id"),
+    "vilt": ("mask_token_id", "pad_token_id"),
+    "coca-tiny": ("pad_token_id", "bos_token_id", "eos_token_id"),
+    "captioner-tiny": ("pad_token_id", "bos_token_id", "eos_token_id"),
+}
+TOKEN_OF_ARG = {"mask_token_id": "[MASK]", "pad_token_id": "[PAD]", "bos_token_id": "[CLS]", "eos_token_id": "[SEP]"}
+
+
+def _word_vocab_ids(name: str) -> tuple[str, ...] | None:
+    for prefix, ids in WORD_VOCAB_MODELS.items():
+        if name.startswith(prefix):
+            return ids
+    return None
 
 
 def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
@@ -70,16 +87,21 @@ def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
         tokenizer = build_word_tokenizer(training_captions(cfg), max_length=context)
         args.setdefault("vocab_size", tokenizer.vocab_size)
         args.setdefault("eos_token_id", tokenizer.tokenizer.token_to_id(SPECIAL_SEP))
-    elif cfg.model.name.startswith(FUSION_PREFIXES) and cfg.model.pretrained is None:
+    elif _word_vocab_ids(cfg.model.name) is not None and cfg.model.pretrained is None:
         tokenizer = build_word_tokenizer(training_captions(cfg), max_length=args.get("context_length", 32))
         args.setdefault("context_length", tokenizer.max_length)
         args.setdefault("vocab_size", tokenizer.vocab_size)
-        args.setdefault("mask_token_id", tokenizer.tokenizer.token_to_id("[MASK]"))
-        args.setdefault("pad_token_id", tokenizer.tokenizer.token_to_id("[PAD]"))
-    if any(t.name == "vqa" for t in cfg.tasks) and "answers" not in args:
+        for arg in _word_vocab_ids(cfg.model.name):
+            args.setdefault(arg, tokenizer.tokenizer.token_to_id(TOKEN_OF_ARG[arg]))
+    generative = cfg.model.name.startswith(GENERATIVE_PREFIXES)
+    if any(t.name == "vqa" for t in cfg.tasks) and "answers" not in args and not generative:
         if not cfg.model.name.startswith(FUSION_PREFIXES):
-            raise VlkitError(f"task vqa needs a fusion model (albef-*, vilt-*), not {cfg.model.name}")
+            raise VlkitError(f"task vqa needs a fusion model (albef-*, vilt-*) or a generative one (coca-*, "
+                             f"captioner-*), not {cfg.model.name}")
         args["answers"] = training_answers(cfg)
+    if any(t.name == "captioning" for t in cfg.tasks) and not generative:
+        raise VlkitError(f"task captioning needs a model with a text decoder (coca-*, captioner-*), "
+                         f"not {cfg.model.name}")
     model = create_model(cfg.model.name, cfg.model.pretrained, **args)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.pretrained or "", model)
