@@ -82,7 +82,17 @@ def tiny():
     return model
 
 
-def test_cached_decoding_equals_teacher_forcing(tiny):
+@pytest.fixture(scope="module")
+def tiny_transformer():
+    torch.manual_seed(0)
+    model = vlkit.create_model("captioner-tiny", decoder="transformer").eval()
+    _randomise(model, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_transformer"])
+def test_cached_decoding_equals_teacher_forcing(name, request):
+    tiny = request.getfixturevalue(name)
     images = torch.randn(2, 3, 32, 32)
     ids = torch.randint(5, 1000, (2, 10))
     ids[:, 0] = tiny.generation.bos_token_id
@@ -175,3 +185,20 @@ def test_tiny_captioner_overfits_eight_pairs():
     decoded = [tok.decode(row[: (row == 3).nonzero()[0, 0] + 1 if (row == 3).any() else None].tolist())
                for row in out]
     assert decoded == captions
+    try:
+        from vlkit.inference.generate import generate
+    except ImportError:
+        return
+    out = generate(model, images, max_new_tokens=text["input_ids"].shape[1])  # greedy, cached
+    assert [tok.decode(seqs[0]) for seqs in out.sequences] == captions
+
+
+def test_transformer_decoder_lr_groups(tiny_transformer):
+    from vlkit.train.optim import lr_group
+
+    groups = {n: lr_group(tiny_transformer, n) for n, _ in tiny_transformer.named_parameters()}
+    assert groups["decoder.layers.0.cross_attn.q_proj.weight"] == groups["image_proj.weight"] == "head"
+    assert groups["decoder.layers.0.self_attn.in_proj.weight"] == groups["decoder.token_embedding.weight"] == "text"
+    assert groups["visual.patch_embed.proj.weight"] == "image"
+    with pytest.raises(vlkit.errors.VlkitError, match="starts random"):
+        vlkit.create_model("captioner-tiny", decoder="transformer", text_decoder="minilm")

@@ -18,6 +18,7 @@ from vlkit.errors import VlkitError
 from vlkit.inference.interface import GenerationSpec
 from vlkit.models.preprocess import Preprocess
 from vlkit.modules.decoders.bert_decoder import BertTextDecoder
+from vlkit.modules.decoders.transformer_decoder import text_decoder
 from vlkit.modules.encoders.efficientnet import efficientnet_lite0
 from vlkit.modules.encoders.hf_text import MINILM, resolve_text_encoder_path
 from vlkit.modules.encoders.vit import VisionConfig, VisionTransformer
@@ -45,9 +46,10 @@ class CaptionerConfig:
             (BriVL's multi-scale regions at ``mspp_scales``).
         mspp_scales: grid sides of the MSPP regions.
         image_size, patch_size, vision_width, vision_layers, vision_heads: the ViT (``image_encoder="vit"``).
-        decoder: ``bert`` (post-norm, BERT-shaped; the only kind today).
-        text_decoder: a local BERT directory or ``minilm`` to start the decoder from; its sizes replace the
-            ``vocab_size`` / ``decoder_*`` fields. None: a random decoder of those sizes.
+        decoder: ``bert`` (post-norm, BERT-shaped, :class:`BertTextDecoder`) or ``transformer`` (the generic
+            pre-norm :class:`~vlkit.modules.decoders.transformer_decoder.TransformerTextDecoder`, random).
+        text_decoder: a local BERT directory or ``minilm`` to start the ``bert`` decoder from; its sizes replace
+            the ``vocab_size`` / ``decoder_*`` fields. None: a random decoder of those sizes.
         trainable_text_layers: top decoder layers whose pretrained parts train; -1 = the whole decoder (the
             embeddings and the tied output projection too). Cross-attention and the head always train.
         vocab_size, decoder_width, decoder_layers, decoder_heads, decoder_mlp_dim: the decoder's sizes.
@@ -104,10 +106,10 @@ class Captioner(nn.Module):
             raise VlkitError(f"unknown captioner image_encoder {c.image_encoder!r}; available: efficientnet_lite0, vit")
         if c.image_tokens not in ("grid", "mspp"):
             raise VlkitError(f"image_tokens must be 'grid' or 'mspp', got {c.image_tokens!r}")
-        if c.decoder != "bert":
-            raise VlkitError(f"unknown captioner decoder {c.decoder!r}; available: bert")
+        if c.decoder not in ("bert", "transformer"):
+            raise VlkitError(f"unknown captioner decoder {c.decoder!r}; available: bert, transformer")
         self.decoder = self._build_decoder(load_pretrained_encoders)
-        width = self.decoder.dim
+        width = c.decoder_width
         self.mspp = None
         if c.image_encoder == "vit":
             if c.image_tokens == "mspp":
@@ -127,15 +129,21 @@ class Captioner(nn.Module):
                 self.grid, num_tokens = (side, side), side * side
         self.image_proj = nn.Linear(in_dim, width)
         self.image_pos = nn.Parameter(torch.randn(num_tokens, width) * 0.02) if num_tokens else None
-        self.image_norm = nn.LayerNorm(width, eps=self.decoder.norm_eps)
+        self.image_norm = nn.LayerNorm(width, eps=1e-6)
         self.image_drop = nn.Dropout(c.dropout)
         if c.preprocess.tokenizer is None and c.text_decoder is not None:
             c.preprocess.tokenizer = c.text_decoder  # the pretrained decoder's own WordPiece tokenizer
         self._freeze()
         self.LR_GROUPS = self._lr_groups()
 
-    def _build_decoder(self, load_weights: bool) -> BertTextDecoder:
+    def _build_decoder(self, load_weights: bool) -> nn.Module:
         c = self.config
+        if c.decoder == "transformer":
+            if c.text_decoder is not None:
+                raise VlkitError("the 'transformer' decoder starts random: set text_decoder=None (a pretrained "
+                                 f"BERT such as {c.text_decoder!r} starts the 'bert' decoder)")
+            return text_decoder(c.vocab_size, c.decoder_width, c.decoder_layers, c.decoder_heads,
+                                max_length=c.max_positions, mlp_ratio=c.decoder_mlp_dim / c.decoder_width)
         if c.text_decoder is None:
             return BertTextDecoder(c.vocab_size, c.decoder_width, c.decoder_layers, c.decoder_heads, c.decoder_mlp_dim,
                                    c.max_positions, dropout=c.dropout)
@@ -156,11 +164,11 @@ class Captioner(nn.Module):
 
     # ----------------------------------------------------------------- freezing and learning rates
     def _pretrained_text_prefixes(self) -> tuple[str, ...]:
-        """Names of the decoder's parts a BERT checkpoint provides (all but cross-attention and the head)."""
-        embeds = ("decoder.word_embed.", "decoder.pos_embed.", "decoder.type_embed", "decoder.embed_norm.")
-        layers = tuple(f"decoder.layers.{i}.{part}." for i in range(self.decoder.num_layers)
-                       for part in ("self_attn", "ln_self", "mlp", "ln_mlp"))
-        return embeds + layers
+        """Names of the decoder's parameters a language model provides: all but cross-attention and the
+        BERT head's transform and output bias (new in a captioner)."""
+        new = (".cross_attn.", ".ln_cross.")
+        return tuple(f"decoder.{n}" for n, _ in self.decoder.named_parameters()
+                     if not any(part in n for part in new) and not n.startswith(("head.", "lm_bias")))
 
     def _lr_groups(self) -> dict[str, tuple[str, ...]]:
         """The image encoder at the image rate, the decoder's BERT parts at the text rate; the new parts
@@ -177,8 +185,8 @@ class Captioner(nn.Module):
                 self.visual._conv_head.requires_grad_(True)
                 self.visual._bn1.requires_grad_(True)
         if c.trainable_text_layers >= 0:
-            keep = {f"decoder.layers.{i}." for i in range(self.decoder.num_layers - c.trainable_text_layers,
-                                                          self.decoder.num_layers)}
+            layers = len(self.decoder.layers)
+            keep = {f"decoder.layers.{i}." for i in range(layers - c.trainable_text_layers, layers)}
             frozen = self._pretrained_text_prefixes()
             for name, param in self.named_parameters():
                 if name.startswith(frozen) and not name.startswith(tuple(keep)):
@@ -226,8 +234,7 @@ class Captioner(nn.Module):
     @property
     def generation(self) -> GenerationSpec:
         c = self.config
-        return GenerationSpec(c.bos_token_id, c.eos_token_id, c.pad_token_id, self.decoder.max_positions,
-                              self.decoder.vocab_size)
+        return GenerationSpec(c.bos_token_id, c.eos_token_id, c.pad_token_id, c.max_positions, c.vocab_size)
 
     def start_decoding(self, images: Tensor, max_length: int) -> DecoderCache:
         """Encode ``images`` once; a cache holding the cross-attention keys/values over their tokens."""
