@@ -10,6 +10,15 @@ from vlkit.modules.decoders import TextDecoderConfig, TransformerTextDecoder, te
 from vlkit.modules.layers.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is far faster than two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(cross=None, tie=True, dtype=torch.float32) -> TransformerTextDecoder:
     torch.manual_seed(0)
     cfg = TextDecoderConfig(vocab_size=23, width=16, layers=3, heads=2, context_dim=12, max_length=12,
