@@ -413,4 +413,11 @@ def test_coca_tiny_overfits_a_fixed_batch():
         written = _greedy(model, images[:3], max_length=16)
         retrieval = model(images, ids, mask).logits_per_image.argmax(-1)
     assert tokenizer.decode_batch(written.tolist()) == CAPTIONS[:3]
+    try:  # the shared generate(), where present: beam search reorders and repeats CoCa's cache
+        from vlkit.inference.generate import generate
+    except ImportError:
+        generate = None
+    if generate is not None:
+        beams = generate(model, images[:3], max_new_tokens=15, num_beams=3).texts(tokenizer)
+        assert [b[0] for b in beams] == CAPTIONS[:3]
     assert torch.equal(retrieval, torch.arange(8))
