@@ -1,4 +1,5 @@
-"""``vlkit eval``: evaluate a run, model directory or checkpoint on a dataset split; optional HTML report."""
+"""``vlkit eval``: evaluate a run, model directory or checkpoint on a dataset split; optional HTML report and,
+for captioning, the written captions as a COCO results file."""
 
 from __future__ import annotations
 
@@ -6,18 +7,20 @@ import argparse
 import json
 import sys
 
-TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "vqa")
+TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "vqa", "captioning")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand to ``sub``."""
     p = sub.add_parser(
         "eval",
-        help="evaluate a trained model: retrieval, zero-shot classification or a linear probe",
-        description="Embed one split of a dataset with a trained model and score it: image-text retrieval "
+        help="evaluate a trained model: retrieval, zero-shot, linear probe, VQA or captioning",
+        description="Run a trained model over one split of a dataset and score it: image-text retrieval "
         "(recall@1/5/10 and ranks both ways), zero-shot classification with prompt templates (top-1/top-5, "
-        "mean per-class recall, confusion matrix) or a linear probe (logistic regression on the frozen image "
-        "embeddings of the training split). Metrics are named SPLIT/DATASET/METRIC.",
+        "mean per-class recall, confusion matrix), a linear probe (logistic regression on the frozen image "
+        "embeddings of the training split), VQA accuracy (an answer head, or answers a generative model "
+        "writes) or captioning (a caption written per image, scored against the references with BLEU-1..4, "
+        "METEOR, ROUGE-L and CIDEr-D after PTB tokenisation). Metrics are named SPLIT/DATASET/METRIC.",
     )
     p.add_argument("model", metavar="RUN_OR_CHECKPOINT",
                    help="a run directory, a model directory (config.json + model.safetensors) or a checkpoint "
@@ -33,6 +36,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images of the split")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
+    p.add_argument("--beams", type=int, default=3, metavar="N",
+                   help="captioning and generated VQA answers: beam search width; 1 is greedy (default: 3)")
+    p.add_argument("--max-new-tokens", type=int, default=30, metavar="N",
+                   help="captioning: most tokens written per caption (generated VQA answers: at most 10; "
+                   "default: 30)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="captioning: a prefix every caption continues (e.g. 'a picture of'; not part of the "
+                   "scored caption); vqa: the answer prompt, with {question} where the question goes")
+    p.add_argument("--spice", action="store_true",
+                   help="captioning: also compute SPICE (needs Java and the Stanford CoreNLP jars; slow)")
+    p.add_argument("--predictions", metavar="FILE.json",
+                   help="captioning: write the captions as COCO results ([{\"image_id\": ..., \"caption\": ...}])")
     p.add_argument("--report", metavar="DIR", help="also write an HTML report (DIR/index.html with figures); an "
                    "existing DIR is replaced only when it is an earlier report")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -52,10 +67,16 @@ def _print_table(summary: dict, result) -> None:
         print(f"{'rsum':14}{m.rsum:8.2f}")
     elif summary["task"] == "vqa":
         prefix = next(k for k in summary["metrics"] if k.endswith("vqa_acc"))[: -len("vqa_acc")]
-        print(f"{summary['images']} images, {summary['questions']} questions, {summary['answers']} answers\n")
+        how = "generated answers" if summary["generative"] else f"{summary['answers']} answers in the head"
+        print(f"{summary['images']} images, {summary['questions']} questions, {how}\n")
         print(f"{'VQA accuracy':32}{summary['metrics'][prefix + 'vqa_acc']:7.2f} %")
-        print(f"{'majority answer (' + summary['majority_answer'] + ')':32}"
-              f"{summary['metrics'][prefix + 'vqa_majority_acc']:7.2f} %")
+        if "majority_answer" in summary:
+            print(f"{'majority answer (' + summary['majority_answer'] + ')':32}"
+                  f"{summary['metrics'][prefix + 'vqa_majority_acc']:7.2f} %  (from {summary['majority_from']})")
+        else:
+            print("majority baseline left out: the evaluated questions have no human answers")
+    elif summary["task"] == "captioning":
+        _print_captioning(summary)
     else:
         m = result.classification
         extra = ""
@@ -75,10 +96,51 @@ def _print_table(summary: dict, result) -> None:
     print(f"\n({summary['seconds']:.1f} s)")
 
 
+def _print_captioning(summary: dict) -> None:
+    names = (("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"),
+             ("METEOR", "meteor"), ("ROUGE-L", "rouge_l"), ("CIDEr-D", "cider"), ("SPICE", "spice"))
+    decoding = summary["decoding"]
+    print(f"{summary['images']} images captioned ({summary['captioned_images']} with {summary['references']} "
+          f"references scored), {decoding.get('num_beams', 1)} beams, at most "
+          f"{decoding.get('max_new_tokens')} tokens\n")
+    for label, key in names:
+        value = next((v for k, v in summary["metrics"].items() if k.endswith("/" + key)), None)
+        if value is not None:
+            print(f"{label:10}{value:8.2f}")
+    print(f"(times 100; {summary['tokenizer'].upper()} tokens)")
+    if summary["note"]:
+        print(f"note: {summary['note']}")
+
+
+def _check_captioning_options(args: argparse.Namespace) -> dict | None:
+    """The decoding options, checked before any work; None for a task that decodes nothing."""
+    from vlkit.errors import VlkitError
+
+    if args.task not in ("captioning", "vqa"):
+        for name, value, default in (("--prompt", args.prompt, None), ("--predictions", args.predictions, None),
+                                     ("--beams", args.beams, 3), ("--max-new-tokens", args.max_new_tokens, 30),
+                                     ("--spice", args.spice, False)):
+            if value != default:
+                raise VlkitError(f"{name} applies to --task captioning (and vqa with a generative model) only")
+        return None
+    if args.task == "vqa" and (args.predictions or args.spice):
+        raise VlkitError(f"{'--predictions' if args.predictions else '--spice'} applies to --task captioning only")
+    if args.beams < 1:
+        raise VlkitError(f"--beams must be at least 1, got {args.beams}")
+    if args.max_new_tokens < 1:
+        raise VlkitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.predictions:
+        from vlkit.utils.fs import check_output_file
+
+        check_output_file(args.predictions, inputs=[args.data, args.model], what="--predictions")
+    return {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "min_new_tokens": 1}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``vlkit eval``."""
     from vlkit.eval.evaluate import evaluate
 
+    settings = _check_captioning_options(args)
     if args.report:  # before the evaluation: a report that could not be written is known at once
         from vlkit.utils.fs import check_output_dir
 
@@ -94,8 +156,15 @@ def run(args: argparse.Namespace) -> int:
         templates = load_templates(args.templates)
     result = evaluate(args.model, args.task, args.data, args.split, train_split=args.train_split,
                       templates=templates, batch_size=args.batch_size, limit=args.limit,
-                      num_workers=args.num_workers, progress=not args.json and sys.stderr.isatty())
+                      num_workers=args.num_workers, progress=not args.json and sys.stderr.isatty(),
+                      settings=settings, prompt=args.prompt, spice=args.spice)
     summary = result.summary()
+    if args.predictions:
+        from vlkit.eval.caption_report import coco_results
+        from vlkit.utils.fs import atomic_write
+
+        atomic_write(args.predictions, json.dumps(coco_results(result), indent=1) + "\n")
+        summary["predictions"] = str(args.predictions)
     if args.report:
         from vlkit.eval.report import write_report
 
@@ -104,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         _print_table(summary, result)
+        if args.predictions:
+            print(f"captions: {summary['predictions']}")
         if args.report:
             print(f"report: {summary['report']}")
     return 0

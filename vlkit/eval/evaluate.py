@@ -1,8 +1,9 @@
-"""Evaluate a trained model on one split of a dataset: retrieval, zero-shot classification or a linear probe.
+"""Evaluate a trained model on one split of a dataset: retrieval, zero-shot classification, a linear probe,
+visual question answering or captioning.
 
-:func:`evaluate` loads the model (a run, model directory or checkpoint), checks that the data suits the task
-before anything is embedded, runs the task and returns an :class:`EvalResult` that holds the metrics (named
-``split/dataset/metric``) and what the report draws from (embeddings, class scores).
+:func:`evaluate` checks that the data suits the task before the model is loaded, loads the model (a run, model
+directory or checkpoint), runs the task and returns an :class:`EvalResult` that holds the metrics (named
+``split/dataset/metric``) and what the report draws from (embeddings, class scores, written captions).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from vlkit.search.embed import Embeddings, compute_embeddings
 from vlkit.search.loading import load_for_inference
 from vlkit.tasks.labels import classes_present, require_labels
 
-TASKS = ("retrieval", "zeroshot", "linear-probe", "vqa")
+TASKS = ("retrieval", "zeroshot", "linear-probe", "vqa", "captioning")
+#: what the captioning report and the COCO results need of each written caption
+CAPTION_FIELDS = ("index", "id", "caption", "score", "references", "cider")
 
 
 @dataclass
@@ -32,7 +35,7 @@ class EvalResult:
     """The outcome of one evaluation.
 
     Attributes:
-        task: ``retrieval``, ``zeroshot`` or ``linear-probe``.
+        task: one of :data:`TASKS`.
         dataset: the dataset's path.
         split: the evaluated split.
         model: the directory the weights came from.
@@ -46,6 +49,9 @@ class EvalResult:
         class_names: the classes by label (zeroshot and linear-probe).
         scores: ``[images, classes]`` class scores (zeroshot and linear-probe).
         labels: ``[images]`` true labels (zeroshot and linear-probe).
+        captions: one dict per captioned image (captioning only), in split order: ``index`` (position in the
+            split), ``id``, ``caption`` (written), ``score`` (its log-probability), ``references`` and ``cider``
+            (its CIDEr-D, times 100).
         seconds: wall time of the evaluation, model loading included.
     """
 
@@ -62,6 +68,7 @@ class EvalResult:
     class_names: list[str] = field(default_factory=list)
     scores: Tensor | None = field(default=None, repr=False)
     labels: Tensor | None = field(default=None, repr=False)
+    captions: list[dict[str, Any]] | None = field(default=None, repr=False)
     seconds: float = 0.0
 
     @property
@@ -101,12 +108,14 @@ def dataset_name(path: str | Path) -> str:
     return path.stem if path.suffix == ".lance" else path.name
 
 
-def _require_captions(dataset: str | Path, split: str) -> None:
+def _require_captions(dataset: str | Path, split: str, task: str = "retrieval", limit: int | None = None) -> None:
     ds = open_dataset(dataset)
-    offsets = split_indices(ds, split)
+    offsets = split_indices(ds, split)[:limit]
     captions = ds.take(offsets, columns=["captions"]).column("captions")
     if not (pc.sum(pc.list_value_length(captions)).as_py() or 0):
-        raise DataError(f"{dataset}: split '{split}' has no captions; retrieval needs captions "
+        which = f"the first {limit} images of split '{split}' have" if limit is not None else f"split '{split}' has"
+        need = "retrieval needs captions" if task == "retrieval" else "captioning is scored against reference captions"
+        raise DataError(f"{dataset}: {which} no captions; {need} "
                         "(for a labelled dataset use --task zeroshot or --task linear-probe)")
 
 
@@ -120,37 +129,109 @@ def _require_questions(dataset: str | Path, split: str) -> None:
 
 
 def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, batch_size: int,
-                  limit: int | None) -> EvalResult:
+                  limit: int | None, settings: dict[str, Any] | None, prompt: str | None) -> EvalResult:
+    """VQA accuracy: the answer head's top answer, or the answer a generative model writes after its prompt.
+
+    The majority baseline of an answer-head model answers every question with the most common training answer
+    (the head's first); a generative model has no training answers, so its baseline takes the most common
+    human answer of the evaluated questions themselves (``majority_from`` says which).
+    """
     import contextlib
 
+    from vlkit.data.answers import AnswerVocab
     from vlkit.data.dataset import LanceImageTextDataset
+    from vlkit.inference.interface import is_generative
     from vlkit.metrics.vqa import vqa_metrics
-    from vlkit.tasks.vqa import QA_COLUMNS, answer_split, model_answers
+    from vlkit.tasks.vqa import QA_COLUMNS, answer_settings, answer_split, model_answers
     from vlkit.train.distributed import DistInfo
 
-    vocab = model_answers(loaded.model)  # a clear error for a model without an answer head
+    generative = is_generative(loaded.model)
+    vocab = None if generative else model_answers(loaded.model)  # a clear error for a model with neither
     ds = LanceImageTextDataset(dataset, split, loaded.model.preprocess.image_transform(train=False), None,
                                captions="none", columns=QA_COLUMNS, require=["questions"])
     if limit is not None:
         ds.offsets = ds.offsets[:limit]
-    pairs = answer_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size)
-    m = vqa_metrics([p for p, _ in pairs], [a for _, a in pairs])
-    majority = vqa_metrics([vocab.majority()] * len(pairs), [a for _, a in pairs])
-    metrics = {f"{prefix}vqa_acc": float(m.accuracy), f"{prefix}vqa_majority_acc": float(majority.accuracy)}
-    details = {"images": len(ds), "questions": len(pairs), "answers": len(vocab),
-               "majority_answer": vocab.majority()}
+    if generative:
+        options = answer_settings((settings or {}).get("num_beams", 1), (settings or {}).get("max_new_tokens", 10))
+        pairs = answer_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size,
+                             prompt=prompt, settings=options)
+    else:
+        pairs = answer_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size)
+    human = [a for _, a in pairs]
+    m = vqa_metrics([p for p, _ in pairs], human)
+    metrics = {f"{prefix}vqa_acc": float(m.accuracy)}
+    details: dict[str, Any] = {"images": len(ds), "questions": len(pairs), "generative": generative}
+    if generative:
+        asked = AnswerVocab.build(human)
+        details["answers"] = len(asked)
+        if len(asked):
+            details.update(majority_answer=asked.majority(), majority_from=f"the answers of split '{split}'")
+        details["decoding"] = options
+    else:
+        details.update(answers=len(vocab), majority_answer=vocab.majority(), majority_from="the training answers")
+    if "majority_answer" in details:
+        majority = vqa_metrics([details["majority_answer"]] * len(pairs), human)
+        metrics[f"{prefix}vqa_majority_acc"] = float(majority.accuracy)
     return EvalResult(**base, metrics=metrics, details=details, embeddings=None)
+
+
+def _evaluate_captioning(loaded, dataset: Path, split: str, base: dict, prefix: str, batch_size: int,
+                         limit: int | None, settings: dict[str, Any] | None, prompt: str | None, spice: bool,
+                         progress: bool) -> EvalResult:
+    """Write a caption for every image of the split and score those with reference captions."""
+    import contextlib
+
+    from vlkit.data.dataset import LanceImageTextDataset
+    from vlkit.metrics.caption_tokenize import java_path
+    from vlkit.metrics.captioning import caption_metrics
+    from vlkit.tasks.captioning import caption_split
+    from vlkit.train.distributed import DistInfo
+
+    ds = LanceImageTextDataset(dataset, split, loaded.model.preprocess.image_transform(train=False), None,
+                               captions="all")
+    if limit is not None:
+        ds.offsets = ds.offsets[:limit]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ds), desc="caption", unit="image", dynamic_ncols=True)
+    try:
+        rows = caption_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size,
+                             prompt, settings, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    scored = [r for r in rows if r["references"]]
+    java = java_path() is not None
+    m = caption_metrics([r["caption"] for r in scored], [r["references"] for r in scored], meteor=java,
+                        spice=spice)
+    for row, cider in zip(scored, m.cider_per_caption):
+        row["cider"] = cider
+    notes = [m.note] if m.note else []
+    if not java:
+        notes.append("METEOR omitted: it needs Java, and there is no `java` on PATH")
+    if not spice:
+        notes.append("SPICE omitted (pass --spice to compute it; it needs Java and the Stanford CoreNLP jars)")
+    details = {"images": len(rows), "captioned_images": len(scored),
+               "references": sum(len(r["references"]) for r in scored), "tokenizer": m.tokenizer,
+               "decoding": dict(settings or {}), "prompt": prompt, "note": "; ".join(notes)}
+    captions = [{k: r.get(k) for k in CAPTION_FIELDS} for r in rows]
+    return EvalResult(**base, metrics=m.as_dict(prefix), details=details, embeddings=None, captions=captions)
 
 
 def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str = "test", *,
              train_split: str = "train", templates: Sequence[str] | None = None, batch_size: int = 64,
-             limit: int | None = None, num_workers: int = 0, progress: bool = False) -> EvalResult:
+             limit: int | None = None, num_workers: int = 0, progress: bool = False,
+             settings: dict[str, Any] | None = None, prompt: str | None = None, spice: bool = False) -> EvalResult:
     """Evaluate a run, model directory or checkpoint on ``split`` of ``dataset``.
 
     Args:
         model_path: a run directory, a model directory or a training checkpoint.
-        task: ``retrieval`` (recall@K both ways), ``zeroshot`` (classification by prompts) or
-            ``linear-probe`` (logistic regression on frozen image embeddings, fitted on ``train_split``).
+        task: ``retrieval`` (recall@K both ways), ``zeroshot`` (classification by prompts),
+            ``linear-probe`` (logistic regression on frozen image embeddings, fitted on ``train_split``),
+            ``vqa`` (VQA accuracy of an answer head or of generated answers) or ``captioning`` (BLEU-1..4,
+            METEOR, ROUGE-L, CIDEr-D of generated captions against the references).
         dataset: a vlkit Lance dataset.
         split: the split to evaluate.
         train_split: the split the linear probe is fitted on.
@@ -159,9 +240,14 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         limit: evaluate only the first ``limit`` images of ``split``.
         num_workers: image decoding worker processes.
         progress: show progress bars.
+        settings: decoding options of :func:`vlkit.inference.generate.generate` (captioning; ``num_beams``
+            and ``max_new_tokens`` for generated VQA answers).
+        prompt: the decoder's prompt (captioning: a caption prefix; vqa: a template with ``{question}``).
+        spice: also compute SPICE (captioning; needs Java and the Stanford CoreNLP jars).
 
     Raises:
-        VlkitError: unknown task, bad limit or batch size, or no such run/model/checkpoint.
+        VlkitError: unknown task, bad limit or batch size, no such run/model/checkpoint, or a model that
+            cannot do the task (captioning needs a text decoder).
         DataError: no such dataset or split, or the split lacks what the task needs (captions, labels).
     """
     if task not in TASKS:
@@ -173,13 +259,17 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     start = time.perf_counter()
     dataset = Path(dataset)
     split_indices(open_dataset(dataset), split)  # the dataset and the split exist
-    if task == "retrieval":
-        _require_captions(dataset, split)
+    if task in ("retrieval", "captioning"):
+        _require_captions(dataset, split, task, limit if task == "captioning" else None)
     elif task == "vqa":
         _require_questions(dataset, split)
     else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
         require_labels(dataset, split, "zero-shot classification" if task == "zeroshot" else "the linear probe")
     loaded = load_for_inference(model_path)
+    if task == "captioning":
+        from vlkit.inference.interface import require_generative
+
+        require_generative(loaded.model)
     common = dict(batch_size=batch_size, limit=limit, num_workers=num_workers, progress=progress)
     base = dict(task=task, dataset=dataset, split=split, model=str(loaded.source), model_tag=loaded.tag)
     prefix = f"{split}/{dataset_name(dataset)}/"
@@ -198,7 +288,10 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
                             classification=zs.metrics, class_names=zs.class_names, scores=zs.scores,
                             labels=zs.labels)
     elif task == "vqa":
-        result = _evaluate_vqa(loaded, dataset, split, base, prefix, batch_size, limit)
+        result = _evaluate_vqa(loaded, dataset, split, base, prefix, batch_size, limit, settings, prompt)
+    elif task == "captioning":
+        result = _evaluate_captioning(loaded, dataset, split, base, prefix, batch_size, limit, settings, prompt,
+                                      spice, progress)
     else:
         from vlkit.tasks.linear_probe import evaluate_linear_probe
 

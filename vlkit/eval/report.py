@@ -8,7 +8,10 @@ half-written report. An existing directory is replaced only when it is empty or 
 * retrieval: recall@K and ranks both ways, the image x caption similarity matrix of a sample of images and
   their first captions, and the top-5 images retrieved for a few captions with the correct one marked;
 * zeroshot and linear-probe: accuracy, per-class recall bars, the confusion matrix and the most frequent
-  confusions (plus the prompt templates, or the probe's regularisation choice).
+  confusions (plus the prompt templates, or the probe's regularisation choice);
+* vqa: the accuracy beside the majority baseline;
+* captioning: BLEU, METEOR, ROUGE-L, CIDEr-D, and the captions with the highest and lowest CIDEr-D beside their
+  images and references (:mod:`vlkit.eval.caption_report`), plus the COCO results file.
 """
 
 from __future__ import annotations
@@ -127,11 +130,15 @@ def _retrieval_body(result: EvalResult, out: Path) -> str:
 def _vqa_body(result: EvalResult) -> str:
     d, m = result.details, result.metrics
     acc = next(v for k, v in m.items() if k.endswith("/vqa_acc"))
-    majority = next(v for k, v in m.items() if k.endswith("/vqa_majority_acc"))
-    return "<h2>Visual question answering</h2>" + _table(["metric", "value"], [
-        ["VQA accuracy (min(humans / 3, 1), official answer normalisation)", f"{_fmt(acc)} %"],
-        [f"majority answer ({html.escape(d['majority_answer'])})", f"{_fmt(majority)} %"],
-        ["questions", str(d["questions"])], ["images", str(d["images"])], ["answer vocabulary", str(d["answers"])]])
+    rows = [["VQA accuracy (min(humans / 3, 1), official answer normalisation)", f"{_fmt(acc)} %"]]
+    if "majority_answer" in d:
+        majority = next(v for k, v in m.items() if k.endswith("/vqa_majority_acc"))
+        rows.append([f"majority answer ({html.escape(d['majority_answer'])}, from {html.escape(d['majority_from'])})",
+                     f"{_fmt(majority)} %"])
+    rows += [["questions", str(d["questions"])], ["images", str(d["images"])],
+             ["distinct human answers (answers generated)" if d.get("generative") else "answer vocabulary",
+              str(d["answers"])]]
+    return "<h2>Visual question answering</h2>" + _table(["metric", "value"], rows)
 
 
 def _classification_body(result: EvalResult, out: Path) -> str:
@@ -200,11 +207,23 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
             body = _retrieval_body(result, tmp)
         elif result.task == "vqa":
             body = _vqa_body(result)
+        elif result.task == "captioning":
+            from vlkit.eval.caption_report import caption_body
+
+            body = caption_body(result, tmp, _table)
         else:
             body = _classification_body(result, tmp)
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "index.html").write_text(_page(result, body), encoding="utf-8")
     return out_dir / "index.html"
+
+
+def _extra_css(result: EvalResult) -> str:
+    if result.task != "captioning":
+        return ""
+    from vlkit.eval.caption_report import CSS
+
+    return CSS
 
 
 def _page(result: EvalResult, body: str) -> str:
@@ -220,7 +239,7 @@ def _page(result: EvalResult, body: str) -> str:
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 {GENERATOR}
 <title>vlkit eval · {html.escape(result.task)} · {html.escape(name)}/{html.escape(result.split)}</title>
-<style>{_CSS}</style></head>
+<style>{_CSS}{_extra_css(result)}</style></head>
 <body><main>
 <h1>{html.escape(result.task)} on {html.escape(name)} / {html.escape(result.split)}</h1>
 <p class="sub">vlkit evaluation report</p>
