@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections import defaultdict
+from numbers import Integral
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -249,8 +250,8 @@ def _prompts(prompt_ids, batch: int, spec: GenerationSpec) -> list[list[int]]:
         prompt_ids = prompt_ids.tolist()
     if prompt_ids is None:
         prompts = [[] for _ in range(batch)]
-    elif all(isinstance(t, int) for t in prompt_ids):
-        prompts = [list(prompt_ids) for _ in range(batch)]
+    elif all(isinstance(t, Integral) for t in prompt_ids):
+        prompts = [[int(t) for t in prompt_ids] for _ in range(batch)]
     else:
         prompts = [[int(t) for t in p] for p in prompt_ids]
         if len(prompts) != batch:
