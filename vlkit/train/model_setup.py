@@ -54,13 +54,13 @@ def training_answers(cfg: TrainConfig) -> list[str]:
 
 FUSION_PREFIXES = ("albef", "vilt")
 GENERATIVE_PREFIXES = ("coca", "captioner")
-#: small models trained from scratch on a word-level vocabulary built from the training captions, with the
-#: token ids their configs take from it
+#: small models trained from scratch on a word-level vocabulary built from the training captions: the config
+#: key of their text length, and the token ids their configs take from the vocabulary
 WORD_VOCAB_MODELS = {
-    "albef": ("mask_token_id", "pad_token_id"),
-    "vilt": ("mask_token_id", "pad_token_id"),
-    "coca-tiny": ("pad_token_id", "bos_token_id", "eos_token_id"),
-    "captioner-tiny": ("pad_token_id", "bos_token_id", "eos_token_id"),
+    "albef": ("context_length", "mask_token_id", "pad_token_id"),
+    "vilt": ("context_length", "mask_token_id", "pad_token_id"),
+    "coca-tiny": ("context_length", "pad_token_id", "bos_token_id", "eos_token_id"),
+    "captioner-tiny": ("max_positions", "pad_token_id", "bos_token_id", "eos_token_id"),
 }
 TOKEN_OF_ARG = {"mask_token_id": "[MASK]", "pad_token_id": "[PAD]", "bos_token_id": "[CLS]", "eos_token_id": "[SEP]"}
 
@@ -88,10 +88,11 @@ def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
         args.setdefault("vocab_size", tokenizer.vocab_size)
         args.setdefault("eos_token_id", tokenizer.tokenizer.token_to_id(SPECIAL_SEP))
     elif _word_vocab_ids(cfg.model.name) is not None and cfg.model.pretrained is None:
-        tokenizer = build_word_tokenizer(training_captions(cfg), max_length=args.get("context_length", 32))
-        args.setdefault("context_length", tokenizer.max_length)
+        length_arg, *ids = _word_vocab_ids(cfg.model.name)
+        tokenizer = build_word_tokenizer(training_captions(cfg), max_length=args.get(length_arg, 32))
+        args.setdefault(length_arg, tokenizer.max_length)
         args.setdefault("vocab_size", tokenizer.vocab_size)
-        for arg in _word_vocab_ids(cfg.model.name):
+        for arg in ids:
             args.setdefault(arg, tokenizer.tokenizer.token_to_id(TOKEN_OF_ARG[arg]))
     generative = cfg.model.name.startswith(GENERATIVE_PREFIXES)
     if any(t.name == "vqa" for t in cfg.tasks) and "answers" not in args and not generative:
