@@ -77,7 +77,8 @@ def tiny(tmp_path_factory):
     ingest([generate(root / "raw", 40, seed=7)], dataset, progress=False)
     model, tokenizer = _train_captioner(dataset)
     save_model(model, root / "captioner", tokenizer=tokenizer)
-    save_model(create_model("clip-tiny"), root / "clip")
+    clip = create_model("clip-tiny", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.token_id("[SEP]"))
+    save_model(clip, root / "clip", tokenizer=tokenizer)
     ds = open_dataset(dataset)
     offsets = split_indices(ds, "train")
     blobs = [bytes(d) for _, d in ds.read_blobs("image", indices=offsets[:5], preserve_order=True)]

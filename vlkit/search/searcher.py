@@ -170,6 +170,9 @@ class Searcher:
             loaded = previous.loaded  # the same weights: no need to load them again
         else:
             loaded = load_for_inference(source)
+        if not callable(getattr(loaded.model, "encode_image", None)):
+            raise VlkitError(f"{source}: a {type(loaded.model).__name__} does not embed images and texts, so it "
+                             "cannot search an index; serve a model that does (CLIP, BriVL, CoCa)")
         if loaded.embed_dim != info.dim:
             raise VlkitError(f"{source} embeds into {loaded.embed_dim} dimensions but the index at "
                              f"{self.index_dir} holds {info.dim}-dimensional embeddings; rebuild it with "

@@ -8,11 +8,15 @@ Routes::
     POST /api/search/image         images (mode=images) or captions (mode=captions) for an uploaded image:
                                    multipart field ``file``, or the raw bytes with an image/* content type;
                                    ``k`` and ``mode`` as query parameters (or multipart fields)
+    POST /api/describe             captions written for an uploaded image by the served model when it has a text
+                                   decoder (coca-*, or a captioner given as ``describer``): the upload as for
+                                   /api/search/image, ``n`` (captions, 1 to 5, default 1) as a query parameter
+                                   or multipart field; ``{"captions": [{"caption", "score"}], ...}``, best first
     GET  /api/thumbnail/{id}       the stored JPEG thumbnail of an image (ids may contain slashes)
 
 Every error is JSON ``{"error": "<message>"}`` with a 4xx status for the caller's mistakes (400 bad query or a
 ``Host`` the server does not answer for, 404 unknown id or route, 413 upload too large in bytes or in pixels,
-415 unsupported upload type), 503 while the index is being rebuilt, and 500 otherwise. Uploads are read as a
+415 unsupported upload type, 400 for a description asked of a model that cannot write one), 503 while the index is being rebuilt, and 500 otherwise. Uploads are read as a
 stream and refused as soon as they pass the limit (at once when Content-Length already says so); an image's
 pixel count is checked from its header before it is decoded and before the model lock is taken. Model inference
 runs in the threadpool, one query at a time (the model and tokenizer are shared). A rebuilt index is picked
@@ -42,7 +46,9 @@ from starlette.requests import ClientDisconnect
 from vlkit import __version__
 from vlkit.errors import VlkitError
 from vlkit.data.decode import max_pixels
+from vlkit.search.describe import MAX_DESCRIPTIONS, Describer
 from vlkit.search.http_guard import LOOPBACK_HOSTS, AllowedHosts
+from vlkit.search.loading import LoadedModel
 from vlkit.search.searcher import (MAX_IMAGE_BYTES, MAX_K, IndexUnavailable, QueryError, QueryImageTooLarge,
                                    Searcher, check_image, check_k)
 
@@ -99,6 +105,16 @@ def parse_mode(raw: str | None) -> str:
     return mode
 
 
+def parse_n(raw: str | None) -> int:
+    """``n`` of a description: the number of captions, 1 to :data:`MAX_DESCRIPTIONS` (default 1)."""
+    if raw is None:
+        return 1
+    text = raw.strip()
+    if not re.fullmatch(r"[+-]?\d{1,3}", text) or not 1 <= int(text) <= MAX_DESCRIPTIONS:
+        raise QueryError(f"n must be an integer from 1 to {MAX_DESCRIPTIONS}, not {raw!r}")
+    return int(text)
+
+
 def thumbnail_url(image_id: str) -> str:
     """The URL of an image's thumbnail (the id percent-encoded, its slashes kept)."""
     return "/api/thumbnail/" + quote(image_id, safe="/")
@@ -122,8 +138,9 @@ def _declared_length(request: Request) -> int | None:
 class _Service:
     """What the routes share: the searcher, a lock around the model and the limits."""
 
-    def __init__(self, searcher: Searcher, max_upload_bytes: int, default_k: int):
+    def __init__(self, searcher: Searcher, max_upload_bytes: int, default_k: int, describer: Describer):
         self.searcher = searcher
+        self.describer = describer
         self.max_upload = max_upload_bytes
         self.default_k = check_k(default_k)
         self.lock = threading.Lock()
@@ -175,7 +192,8 @@ class _Service:
 
 
 def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
-               default_k: int = DEFAULT_K, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> FastAPI:
+               default_k: int = DEFAULT_K, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+               describer: LoadedModel | None = None) -> FastAPI:
     """The search web application over ``searcher``.
 
     Args:
@@ -185,6 +203,8 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
         allowed_hosts: the hosts it answers for (``Host`` header, any port); others get 400. The default is
             this machine's loopback names; ``["*"]`` allows any host, which lets any web page a browser on
             this machine opens read the API (DNS rebinding).
+        describer: the generative model that writes ``/api/describe``'s captions (default: the searcher's model,
+            when it has a text decoder).
 
     Returns:
         A FastAPI application; serve it with uvicorn (``vlkit serve`` does).
@@ -193,7 +213,8 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
         >>> app = create_app(Searcher("runs/index"))  # doctest: +SKIP
         >>> uvicorn.run(app, port=8000)  # doctest: +SKIP
     """
-    svc = _Service(searcher, max_upload_bytes, default_k)
+    describe = Describer(describer if describer is not None else (lambda: searcher.loaded))
+    svc = _Service(searcher, max_upload_bytes, default_k, describe)
     app = FastAPI(title="vlkit search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
     app.add_middleware(AllowedHosts, hosts=allowed_hosts)
@@ -213,7 +234,8 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
         return {"images": i.images, "captions": i.captions, "dim": i.dim, "dataset": Path(i.dataset).name,
                 "split": i.split, "model_tag": i.model_tag, "query_model_tag": searcher.loaded.tag,
                 "search": i.search, "built_at": i.built_at, "max_k": MAX_K, "default_k": svc.default_k,
-                "max_upload_bytes": svc.max_upload, "max_pixels": max_pixels(), "vlkit_version": __version__}
+                "max_upload_bytes": svc.max_upload, "max_pixels": max_pixels(), "vlkit_version": __version__,
+                "can_describe": describe.available, "max_descriptions": MAX_DESCRIPTIONS}
 
     @app.get("/api/search")
     def search_text(q: str | None = None, k: str | None = None) -> dict:
@@ -250,6 +272,21 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
                         "thumbnail": thumbnail_url(h.id)} for h in found]
         return {"mode": mode, "k": n, "took_ms": round((time.perf_counter() - start) * 1000, 1),
                 "results": results}
+
+    @app.post("/api/describe")
+    async def describe_image(request: Request) -> dict:
+        n_raw = request.query_params.get("n")
+        if n_raw is not None:
+            parse_n(n_raw)
+        describe.require()  # before the upload is read: a model that cannot write captions answers at once
+        data, fields = await svc.read_upload(request)
+        n = parse_n(n_raw if n_raw is not None else fields.get("n"))
+        await run_in_threadpool(check_image, data)  # the pixel limit, from the header, outside the model lock
+        start = time.perf_counter()
+        written = await run_in_threadpool(svc.locked, describe.describe, data, n)
+        return {"n": n, "took_ms": round((time.perf_counter() - start) * 1000, 1),
+                "model_tag": describe.loaded.tag,
+                "captions": [{"caption": text, "score": score} for text, score in written]}
 
     @app.get("/api/thumbnail/{image_id:path}")
     def thumbnail(image_id: str, request: Request) -> Response:

@@ -1,4 +1,5 @@
-// The vlkit search page: text -> images, image -> images or captions, over the JSON API of vlkit.search.server.
+// The vlkit search page: text -> images, image -> images or captions (or captions written by the model, when it
+// can write them), over the JSON API of vlkit.search.server.
 "use strict";
 
 (() => {
@@ -8,6 +9,7 @@
     dropzone: $("dropzone"), file: $("file-input"), error: $("error"), status: $("status"),
     results: $("results"), empty: $("empty-state"), info: $("index-info"),
     preview: $("query-preview"), previewImage: $("preview-image"), previewName: $("preview-name"),
+    describe: $("mode-describe"), describeLabel: $("mode-describe-label"), describeHint: $("describe-hint"),
   };
   const state = { info: null, last: null, controller: null, previewUrl: null };
 
@@ -108,6 +110,30 @@
     ]);
   }
 
+  function writtenRow(result, rank) {
+    const score = Math.exp(result.score);  // the geometric mean of the tokens' probabilities
+    return el("li", { className: "caption-row written", "data-testid": "written-caption" }, [
+      el("span", { className: "rank", text: `#${rank}` }),
+      el("div", { className: "caption-main" }, [
+        el("p", { className: "caption-text", text: result.caption || "(empty)", "data-testid": "caption-text" }),
+      ]),
+      el("div", { className: "caption-score", title: "log-probability per token" }, [
+        el("span", { className: "score", text: result.score.toFixed(3), "data-testid": "result-score" }),
+        scoreBar(score),
+      ]),
+    ]);
+  }
+
+  function renderDescription(body, what) {
+    els.error.hidden = true;
+    els.empty.hidden = body.captions.length > 0;
+    els.results.dataset.mode = "describe";
+    els.results.replaceChildren(el("ol", { className: "caption-list" },
+                                   body.captions.map((r, i) => writtenRow(r, i + 1))));
+    const count = body.captions.length;
+    els.status.textContent = `${count} caption${count === 1 ? "" : "s"} written for ${what} · ${body.took_ms} ms`;
+  }
+
   function render(body, what) {
     els.error.hidden = true;
     els.empty.hidden = body.results.length > 0;
@@ -152,9 +178,13 @@
     }
     const form = new FormData();
     form.append("file", file, file.name || "upload");
-    const params = new URLSearchParams({ k: els.k.value, mode: mode() });
     setBusy(true);
     try {
+      if (mode() === "describe") {
+        renderDescription(await api("/api/describe", { method: "POST", body: form }), label);
+        return;
+      }
+      const params = new URLSearchParams({ k: els.k.value, mode: mode() });
       render(await api(`/api/search/image?${params}`, { method: "POST", body: form }), label);
     } catch (err) {
       if (err.name !== "AbortError") showError(err.message);
@@ -266,6 +296,7 @@
       els.info.textContent = parts.join(" · ");
       els.info.title = `dataset ${info.dataset}${info.split ? ` (${info.split})` : ""}`;
       for (const option of [...els.k.options]) if (Number(option.value) > info.max_k) option.remove();
+      for (const node of [els.describe, els.describeLabel, els.describeHint]) node.hidden = !info.can_describe;
     } catch (err) {
       els.info.textContent = "index information unavailable";
     }
