@@ -202,3 +202,23 @@ def test_transformer_decoder_lr_groups(tiny_transformer):
     assert groups["visual.patch_embed.proj.weight"] == "image"
     with pytest.raises(vlkit.errors.VlkitError, match="starts random"):
         vlkit.create_model("captioner-tiny", decoder="transformer", text_decoder="minilm")
+
+
+def test_output_table_follows_the_weights():
+    """Without gradients the logits use a transposed copy of the word embeddings; it must follow every change."""
+    torch.manual_seed(0)
+    dec = BertTextDecoder(vocab_size=50, dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_positions=8).eval()
+    hidden = torch.randn(2, 3, 16)
+
+    def reference() -> torch.Tensor:
+        return torch.nn.functional.linear(dec.head(hidden), dec.word_embed.weight, dec.lm_bias)
+
+    with torch.no_grad():
+        assert torch.allclose(dec.logits(hidden), reference(), atol=1e-5)
+        dec.word_embed.weight.mul_(-2.0)  # an in-place change (as an optimizer step makes)
+        assert torch.allclose(dec.logits(hidden), reference(), atol=1e-5)
+    other = BertTextDecoder(vocab_size=50, dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_positions=8)
+    dec.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(dec.logits(hidden), reference(), atol=1e-5)
+    assert dec.logits(hidden).requires_grad  # with gradients: the embedding table itself
