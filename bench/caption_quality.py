@@ -151,8 +151,8 @@ def baselines(data: Path) -> tuple[dict[str, dict], dict[str, float]]:
         rows = np.flatnonzero(np.isin(owner, neighbours))
         nn_preds.append(train_caps[rows[consensus(mats, rows)]])
     # Constant caption: the highest mean similarity to all other training captions (sum of vectors trick).
-    mean_sim = sum(np.asarray(m @ np.asarray(m.sum(axis=0)).ravel()).ravel() - np.asarray(m.multiply(m).sum(axis=1)).ravel()
-                   for m in mats) / (len(mats) * (len(train_caps) - 1))
+    total = sum(m @ np.asarray(m.sum(axis=0)).ravel() - np.asarray(m.multiply(m).sum(axis=1)).ravel() for m in mats)
+    mean_sim = np.asarray(total).ravel() / (len(mats) * (len(train_caps) - 1))
     constant = train_caps[int(np.argmax(mean_sim))]
     seconds["select"] = time.perf_counter() - start
     references = [captions[n] for n in test]
@@ -163,7 +163,8 @@ def baselines(data: Path) -> tuple[dict[str, dict], dict[str, float]]:
         seconds[f"score_{name}"] = time.perf_counter() - start
         best, worst = m.best_and_worst(1)
         results[name] = {"metrics": {k: round(v, 2) for k, v in m.as_dict().items()}, "tokenizer": m.tokenizer,
-                         "examples": {"best": [test[best[0]], preds[best[0]]], "worst": [test[worst[0]], preds[worst[0]]]},
+                         "examples": {"best": [test[best[0]], preds[best[0]]],
+                                      "worst": [test[worst[0]], preds[worst[0]]]},
                          "note": m.note}
     results["constant"]["caption"] = constant
     return results, seconds

@@ -232,7 +232,8 @@ def test_without_java(monkeypatch):
     m = caption_metrics(PREDICTIONS, REFERENCES, meteor=False, spice=True)
     assert m.tokenizer == "simple" and m.meteor is None and m.spice is None
     assert "Python approximation" in m.note and "SPICE omitted" in m.note
-    assert set(m.as_dict("test/x/")) == {f"test/x/{k}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")}
+    keys = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
+    assert set(m.as_dict("test/x/")) == {f"test/x/{k}" for k in keys}
     assert m.bleu1 == pytest.approx(100 * reference_bleu(PREDICTIONS, REFERENCES, 1), rel=1e-6)
 
 

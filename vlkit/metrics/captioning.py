@@ -124,7 +124,8 @@ def _check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]
             raise VlkitError(f"caption metrics: references[{i}] holds something that is not a string")
         refs = [r for r in refs if r.strip()]
         if not refs:
-            raise VlkitError(f"caption metrics: image {i} has no reference caption; every prediction needs at least one")
+            raise VlkitError(f"caption metrics: image {i} has no reference caption; "
+                             "every prediction needs at least one")
         kept.append(refs)
     return kept
 
