@@ -57,7 +57,7 @@ def _card(row: dict[str, Any], thumb: str) -> str:
     refs = "".join(f"<li>{html.escape(r)}</li>" for r in row["references"])
     return (f'<div class="caption-card"><img src="{thumb}" alt="{html.escape(str(row["id"]))}">'
             f'<p class="written">{html.escape(row["caption"] or "(empty)")}</p>'
-            f'<p class="scores">CIDEr-D {row["cider"]:.1f} · log-probability {row["score"]:.2f} · '
+            f'<p class="scores">CIDEr-D {row["cider"]:.1f} · score {row["score"]:.2f} · '
             f'<code>{html.escape(str(row["id"]))}</code></p><ul>{refs}</ul></div>')
 
 
@@ -81,8 +81,9 @@ def caption_body(result: EvalResult, out: Path, table) -> str:
     if d.get("note"):
         parts.append(f"<p>Note: {html.escape(d['note'])}.</p>")
     (out / RESULTS_NAME).write_text(json.dumps(coco_results(result), indent=1) + "\n")
-    parts.append(f'<p>Every written caption, in the COCO results format: <a href="{RESULTS_NAME}">{RESULTS_NAME}</a>.'
-                 "</p>")
+    parts.append(f'<p>Every written caption, in the COCO results format: <a href="{RESULTS_NAME}">{RESULTS_NAME}</a>. '
+                 "A caption's score is the decoder's log-probability of its tokens (per token under beam "
+                 "search).</p>")
     scored = [r for r in (result.captions or []) if r.get("cider") is not None]
     by_cider = sorted(scored, key=lambda r: (-r["cider"], r["index"]))
     best = by_cider[:EXAMPLES]
