@@ -14,8 +14,9 @@ counted, and every contender gets the same context and weights:
   checked to equal vlkit's before timing (beam output too, reported).
 
 Each writes exactly ``--tokens`` new tokens (the end token is suppressed with ``min_new_tokens`` for all three),
-greedy and beam search with 3 beams, at each batch size. Warm-up first, then the median of ``--repeats`` runs.
-``torch`` threads are left at their default.
+greedy and beam search with 3 beams, at each batch size. Warm-up first, then the median of ``--repeats`` runs;
+the contenders take turns in each round (a shared machine's changing load falls on all alike). ``torch`` threads
+are left at their default (``--threads`` sets them, to compare).
 
 Run: ``python bench/generate_speed.py [--batches 1 16] [--tokens 30] [--repeats 3]`` (prints a table and one
 JSON line).
@@ -108,15 +109,18 @@ def run_hf(hf: nn.Module, context: Tensor, beams: int, tokens: int, bos: int) ->
     return out[:, 1:].tolist()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of ``repeats`` calls of each function, after one warm-up call of each. The functions take
+    turns (one call each per round), so a change in the machine's load falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -125,7 +129,10 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--tokens", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, hf = build()
     bos = model.generation.bos_token_id
@@ -141,11 +148,11 @@ def main() -> None:
                 raise RuntimeError(f"greedy outputs differ at batch {batch}: {ours[0][:10]} vs {theirs[0][:10]}")
             assert all(len(s) == args.tokens for s in ours + theirs), "every contender writes the same tokens"
             new_tokens = batch * args.tokens
-            secs = {
-                "vlkit_cached": timed(lambda: run_vlkit(model, context, beams, args.tokens, True), args.repeats),
-                "vlkit_uncached": timed(lambda: run_vlkit(model, context, beams, args.tokens, False), args.repeats),
-                "transformers": timed(lambda: run_hf(hf, context, beams, args.tokens, bos), args.repeats),
-            }
+            secs = timed({
+                "vlkit_cached": lambda: run_vlkit(model, context, beams, args.tokens, True),
+                "vlkit_uncached": lambda: run_vlkit(model, context, beams, args.tokens, False),
+                "transformers": lambda: run_hf(hf, context, beams, args.tokens, bos),
+            }, args.repeats)
             result = {"batch": batch, "beams": beams, "same_output": same,
                       **{f"{k}_tok_s": round(new_tokens / v, 1) for k, v in secs.items()}}
             result["cached_vs_uncached"] = round(secs["vlkit_uncached"] / secs["vlkit_cached"], 2)
