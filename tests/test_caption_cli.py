@@ -192,6 +192,40 @@ def test_caption_prints_what_write_captions_writes(tiny, loaded):
         assert image["captions"][0]["score"] >= image["captions"][1]["score"]
 
 
+def test_caption_follows_the_models_generation_defaults(tiny, loaded, tmp_path, capsys):
+    """A model saved with generation.json (the prompt and decoding of its training run) captions with them unless
+    the command line says otherwise; a damaged generation.json is one line."""
+    import shutil
+
+    from vlkit.inference.captions import write_captions
+    from vlkit.inference.defaults import GENERATION_NAME, GenerationDefaults
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["model"], model)
+    defaults = GenerationDefaults(prompt="a picture of", num_beams=2, max_new_tokens=6, no_repeat_ngram_size=1)
+    (model / GENERATION_NAME).write_text(defaults.to_json())
+    paths = tiny["images"][:2]
+    pixels = _pixels(loaded, paths)
+
+    def caption(*extra):
+        assert main(["caption", str(model), *map(str, paths), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    out = caption()
+    assert out["prompt"] == "a picture of" and out["settings"]["num_beams"] == 2
+    want = write_captions(loaded.model, loaded.tokenizer, pixels, "a picture of", num_beams=2, max_new_tokens=6,
+                          min_new_tokens=1, no_repeat_ngram_size=1)
+    assert [i["captions"][0]["caption"] for i in out["images"]] == [w[0][0] for w in want]
+    plain = write_captions(loaded.model, loaded.tokenizer, pixels, None, num_beams=4, max_new_tokens=6,
+                           min_new_tokens=1, no_repeat_ngram_size=1)
+    out = caption("--prompt", "", "--beams", "4")  # the command line wins, and --prompt '' drops the prompt
+    assert [i["captions"][0]["caption"] for i in out["images"]] == [w[0][0] for w in plain]
+    (model / GENERATION_NAME).write_text('{"prompt": "x", "beams": 2}')
+    assert main(["caption", str(model), str(paths[0])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and GENERATION_NAME in err[0], err
+
+
 def test_caption_sampling_with_a_seed_repeats(tiny, loaded, capsys):
     from vlkit.inference.captions import write_captions
 

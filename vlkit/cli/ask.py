@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     transform = loaded.model.preprocess.image_transform(train=False)
     pixels = transform.normalize(transform(data)[None])  # [1, 3, S, S]
     if is_generative(loaded.model):
-        answers = generated_answers(loaded, pixels, args.question, args.top, args.prompt, args.max_new_tokens)
+        prompt = args.prompt if args.prompt is not None else loaded.generation.vqa_prompt  # the trained template
+        answers = generated_answers(loaded, pixels, args.question, args.top, prompt, args.max_new_tokens)
         how = "generated"
     else:
         if args.prompt is not None:

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory, model directory or checkpoint of a generative model")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--beams", type=int, metavar="N",
-                   help=f"beam search width; 1 is greedy decoding (default: {DEFAULT_BEAMS}, or 1 with --sample)")
+                   help="beam search width; 1 is greedy decoding (default: what the model was trained to use, "
+                   f"saved in its generation.json, else {DEFAULT_BEAMS}; 1 with --sample)")
     p.add_argument("--sample", action="store_true", help="sample each token instead of searching (needs --beams 1)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default 1)")
     p.add_argument("--top-k", type=int, default=0, metavar="K",
@@ -32,9 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling, so that a run can be repeated")
     p.add_argument("--num-captions", type=int, default=1, metavar="N",
                    help="captions per image: the N best beams, or N samples (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=30, metavar="N", help="most tokens per caption (default 30)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="most tokens per caption (default: the model's, else 30)")
+    p.add_argument("--no-repeat-ngram", type=int, metavar="N",
+                   help="never repeat an N-gram within a caption (0: allow; default: the model's)")
     p.add_argument("--prompt", metavar="TEXT",
-                   help="a prefix every caption continues, e.g. 'a picture of' (not printed with the caption)")
+                   help="a prefix every caption continues, e.g. 'a picture of' (not printed with the caption; "
+                   "default: the prompt the model was trained with)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded together (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -51,17 +56,19 @@ def settings_of(args: argparse.Namespace) -> dict:
     if args.sample and args.beams is not None and args.beams > 1:
         raise VlkitError(f"--sample draws one token at a time and cannot be combined with --beams {args.beams}; "
                          "use --sample alone (or --beams 1), or beam search without --sample")
-    beams = args.beams if args.beams is not None else (1 if args.sample else DEFAULT_BEAMS)
+    beams = args.beams if args.beams is not None else (1 if args.sample else None)  # None: the model's
     for name, value in (("--beams", beams), ("--num-captions", args.num_captions),
                         ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise VlkitError(f"{name} must be at least 1, got {value}")
+    if args.no_repeat_ngram is not None and args.no_repeat_ngram < 0:
+        raise VlkitError(f"--no-repeat-ngram must be at least 0, got {args.no_repeat_ngram}")
     if not args.sample:
         for name, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, 0),
                                      ("--top-p", args.top_p, 1.0), ("--seed", args.seed, None)):
             if value != default:
                 raise VlkitError(f"{name} applies to sampling only: add --sample")
-        if args.num_captions > beams:
+        if beams is not None and args.num_captions > beams:
             raise VlkitError(f"--num-captions {args.num_captions} needs at least as many beams (--beams "
                              f"{args.num_captions}) or --sample")
     elif not 0 < args.temperature < float("inf"):
@@ -70,7 +77,7 @@ def settings_of(args: argparse.Namespace) -> dict:
         raise VlkitError("--top-k must be 0 or more and --top-p in (0, 1]")
     return {"num_beams": beams, "do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "num_return_sequences": args.num_captions, "max_new_tokens": args.max_new_tokens,
-            "min_new_tokens": 1}
+            "no_repeat_ngram_size": args.no_repeat_ngram}
 
 
 def read_images(paths: list[str]) -> list[bytes]:
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``vlkit caption``."""
     import torch
 
+    from vlkit.errors import VlkitError
     from vlkit.inference.captions import write_captions
     from vlkit.inference.interface import require_generative
     from vlkit.search.loading import load_for_inference
@@ -109,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
     images = read_images(args.images)
     loaded = load_for_inference(args.run)
     model = require_generative(loaded.model)
+    settings = loaded.generation.settings(**settings)  # the model's own defaults where none are given
+    if not args.sample and settings["num_return_sequences"] > settings["num_beams"]:
+        raise VlkitError(f"--num-captions {args.num_captions} needs at least as many beams (the model decodes with "
+                         f"{settings['num_beams']}; pass --beams {args.num_captions}) or --sample")
+    prompt = args.prompt if args.prompt is not None else loaded.generation.prompt
     transform = model.preprocess.image_transform(train=False)
     generator = None
     if args.seed is not None:
@@ -118,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(images), args.batch_size):
         batch = images[start:start + args.batch_size]
         pixels = transform.normalize(torch.stack([transform(data) for data in batch]))  # [batch, 3, S, S]
-        written += write_captions(model, loaded.tokenizer, pixels, args.prompt, generator=generator, **settings)
+        written += write_captions(model, loaded.tokenizer, pixels, prompt, generator=generator, **settings)
     if args.json:
-        print(json.dumps({"model": str(loaded.source), "model_tag": loaded.tag, "prompt": args.prompt,
+        print(json.dumps({"model": str(loaded.source), "model_tag": loaded.tag, "prompt": prompt,
                           "settings": {k: v for k, v in settings.items() if k != "min_new_tokens"},
                           "seed": args.seed,
                           "images": [{"image": name, "captions": [{"caption": c, "score": s} for c, s in caps]}

@@ -36,14 +36,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images of the split")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
-    p.add_argument("--beams", type=int, default=3, metavar="N",
-                   help="captioning and generated VQA answers: beam search width; 1 is greedy (default: 3)")
-    p.add_argument("--max-new-tokens", type=int, default=30, metavar="N",
+    p.add_argument("--beams", type=int, metavar="N",
+                   help="captioning and generated VQA answers: beam search width; 1 is greedy (default: what the "
+                   "model was trained to use, saved in its generation.json, else 3)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="captioning: most tokens written per caption (generated VQA answers: at most 10; "
-                   "default: 30)")
+                   "default: the model's, else 30)")
+    p.add_argument("--no-repeat-ngram", type=int, metavar="N",
+                   help="captioning: never repeat an N-gram within a caption (0: allow; default: the model's)")
     p.add_argument("--prompt", metavar="TEXT",
                    help="captioning: a prefix every caption continues (e.g. 'a picture of'; not part of the "
-                   "scored caption); vqa: the answer prompt, with {question} where the question goes")
+                   "scored caption); vqa: the answer prompt, with {question} where the question goes "
+                   "(default: the prompt the model was trained with)")
     p.add_argument("--spice", action="store_true",
                    help="captioning: also compute SPICE (needs Java and the Stanford CoreNLP jars; slow)")
     p.add_argument("--predictions", metavar="FILE.json",
@@ -118,22 +122,25 @@ def _check_captioning_options(args: argparse.Namespace) -> dict | None:
 
     if args.task not in ("captioning", "vqa"):
         for name, value, default in (("--prompt", args.prompt, None), ("--predictions", args.predictions, None),
-                                     ("--beams", args.beams, 3), ("--max-new-tokens", args.max_new_tokens, 30),
-                                     ("--spice", args.spice, False)):
+                                     ("--beams", args.beams, None), ("--max-new-tokens", args.max_new_tokens, None),
+                                     ("--no-repeat-ngram", args.no_repeat_ngram, None), ("--spice", args.spice, False)):
             if value != default:
                 raise VlkitError(f"{name} applies to --task captioning (and vqa with a generative model) only")
         return None
     if args.task == "vqa" and (args.predictions or args.spice):
         raise VlkitError(f"{'--predictions' if args.predictions else '--spice'} applies to --task captioning only")
-    if args.beams < 1:
+    if args.beams is not None and args.beams < 1:
         raise VlkitError(f"--beams must be at least 1, got {args.beams}")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise VlkitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.no_repeat_ngram is not None and args.no_repeat_ngram < 0:
+        raise VlkitError(f"--no-repeat-ngram must be at least 0, got {args.no_repeat_ngram}")
     if args.predictions:
         from vlkit.utils.fs import check_output_file
 
         check_output_file(args.predictions, inputs=[args.data, args.model], what="--predictions")
-    return {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "min_new_tokens": 1}
+    # options not given are None: the model's own defaults (its generation.json) fill them
+    return {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "no_repeat_ngram_size": args.no_repeat_ngram}
 
 
 def run(args: argparse.Namespace) -> int:

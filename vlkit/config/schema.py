@@ -130,6 +130,7 @@ class TaskConfig:
     num_beams: int = ranged(3, **POSITIVE_INT)  # beam search width of the validation captions
     max_new_tokens: int = ranged(30, **POSITIVE_INT)  # most tokens of a validation caption
     min_new_tokens: int = ranged(1, **NON_NEGATIVE)  # the end token is not allowed before this many tokens
+    no_repeat_ngram_size: int = ranged(0, **NON_NEGATIVE)  # > 0: no n-gram of this size twice in a caption
     eval_images: Optional[int] = ranged(None, **POSITIVE_INT)  # caption only the first N validation images
 
 

@@ -203,7 +203,8 @@ def _sampling_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[s
 #: the losses each task reads (None: the task's default)
 TASK_LOSSES = {"retrieval": {"contrastive", "siglip", "momentum"}, "captioning": {"caption", "coca"}}
 #: task keys only some tasks read
-GENERATION_KEYS = ("label_smoothing", "num_beams", "max_new_tokens", "min_new_tokens", "eval_images")
+GENERATION_KEYS = ("label_smoothing", "num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size",
+                   "eval_images")
 GENERATIVE_TASKS = ("captioning", "vqa")
 
 

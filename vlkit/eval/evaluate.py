@@ -152,7 +152,9 @@ def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, ba
     if limit is not None:
         ds.offsets = ds.offsets[:limit]
     if generative:
-        options = answer_settings((settings or {}).get("num_beams", 1), (settings or {}).get("max_new_tokens", 10))
+        given = {k: v for k, v in (settings or {}).items() if v is not None}
+        options = answer_settings(given.get("num_beams", 1), given.get("max_new_tokens", 10))
+        prompt = prompt if prompt is not None else loaded.generation.vqa_prompt
         pairs = answer_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size,
                              prompt=prompt, settings=options)
     else:
@@ -187,6 +189,8 @@ def _evaluate_captioning(loaded, dataset: Path, split: str, base: dict, prefix: 
     from vlkit.tasks.captioning import caption_split
     from vlkit.train.distributed import DistInfo
 
+    settings = loaded.generation.settings(**(settings or {}))  # the model's own defaults where none are given
+    prompt = prompt if prompt is not None else loaded.generation.prompt
     ds = LanceImageTextDataset(dataset, split, loaded.model.preprocess.image_transform(train=False), None,
                                captions="all")
     if limit is not None:

@@ -52,10 +52,10 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
     return cls(**kwargs)
 
 
-def save_model(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+def save_model(model: nn.Module, directory: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) into ``directory``.
 
-    The files are written to a temporary directory beside it, then moved into place, so an interrupted
+    ``extra_files`` (name -> text) are written beside them. The files are written to a temporary directory beside it, then moved into place, so an interrupted
     save never leaves a half-written model. An existing ``directory`` is replaced only when it is empty or a
     vlkit model folder (its ``config.json`` carries ``vlkit_version``), never another tool's model folder.
 
@@ -70,6 +70,8 @@ def save_model(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
         save_safetensors(model, str(tmp / WEIGHTS_NAME))
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_NAME)
+        for name, text in (extra_files or {}).items():  # e.g. generation.json: how the model writes by default
+            (tmp / name).write_text(text)
     return directory
 
 

@@ -63,10 +63,16 @@ class Describer:
         except (VlkitError, ImageDecodeError) as exc:
             raise QueryError(f"not a readable image: {exc}") from None
         with torch.no_grad():
-            return write_captions(loaded.model, loaded.tokenizer, pixels, None, **describe_settings(n))[0]
+            return write_captions(loaded.model, loaded.tokenizer, pixels, loaded.generation.prompt,
+                                  **describe_settings(n, loaded.generation))[0]
 
 
-def describe_settings(n: int) -> dict:
-    """The decoding options of ``/api/describe`` for ``n`` captions."""
-    return {"num_beams": max(n, DESCRIBE_BEAMS), "num_return_sequences": n, "max_new_tokens": DESCRIBE_TOKENS,
-            "min_new_tokens": 1}
+def describe_settings(n: int, defaults=None) -> dict:
+    """The decoding options of ``/api/describe`` for ``n`` captions: the model's own (its ``generation.json``)
+    with at least ``max(n, DESCRIBE_BEAMS)`` beams and at most ``DESCRIBE_TOKENS`` tokens."""
+    from vlkit.inference.defaults import GenerationDefaults
+
+    settings = (defaults or GenerationDefaults()).settings()
+    settings.update(num_beams=max(n, DESCRIBE_BEAMS, settings["num_beams"]), num_return_sequences=n,
+                    max_new_tokens=min(DESCRIBE_TOKENS, settings["max_new_tokens"]))
+    return settings

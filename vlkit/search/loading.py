@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from vlkit.errors import VlkitError
+from vlkit.inference.defaults import GenerationDefaults, defaults_from_tasks, load_defaults
 from vlkit.models.io import CONFIG_NAME, WEIGHTS_NAME, load_model, load_tokenizer
 
 
@@ -23,12 +24,14 @@ class LoadedModel:
         source: the directory the weights were read from.
         tag: a short fingerprint of the weights (first 12 hex digits of their SHA-256), written beside
             embeddings so that they can be traced to the model that made them.
+        generation: how the model writes by default (the prompt and decoding its training run used).
     """
 
     model: nn.Module
     tokenizer: Any
     source: Path
     tag: str
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @property
     def embed_dim(self) -> int:
@@ -56,7 +59,8 @@ def load_for_inference(path: str | Path) -> LoadedModel:
         raise VlkitError(f"{path}: no such run, model or checkpoint")
     if (path / CONFIG_NAME).exists():
         model = load_model(path)
-        return LoadedModel(model.eval(), load_tokenizer(path, model), path, _fingerprint(path / WEIGHTS_NAME))
+        return LoadedModel(model.eval(), load_tokenizer(path, model), path, _fingerprint(path / WEIGHTS_NAME),
+                           load_defaults(path))
     if (path / "model" / CONFIG_NAME).exists():
         return load_for_inference(path / "model")
     if path.name == "latest" and path.parent.name == "checkpoints":
@@ -87,4 +91,5 @@ def _load_checkpoint(path: Path) -> LoadedModel:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
         raise VlkitError(f"{path}: checkpoint does not match {config}: {str(exc).splitlines()[0]}") from None
-    return LoadedModel(model.eval(), tokenizer, path, _fingerprint(path / STATE_NAME))
+    return LoadedModel(model.eval(), tokenizer, path, _fingerprint(path / STATE_NAME),
+                       defaults_from_tasks(cfg.tasks) or GenerationDefaults())

@@ -32,7 +32,8 @@ from vlkit.train.distributed import DistInfo, all_gather_objects
 
 def generation_settings(cfg: TaskConfig) -> dict[str, Any]:
     """The decoding options a task config names (beams, caption length)."""
-    return {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens}
+    return {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
+            "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
 
 
 @register_task("captioning")

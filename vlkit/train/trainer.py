@@ -466,9 +466,13 @@ class Trainer:
         sharded = self.cfg.distributed == "fsdp" and self.dist.enabled
         final = self._gathered_model() if sharded else unwrap(self.model)  # a collective under FSDP
         if self.dist.is_main:
-            save_model(final, self.run_dir / "model", self.tokenizer)
+            from vlkit.inference.defaults import GENERATION_NAME, defaults_from_tasks
+
+            writes = defaults_from_tasks(self.cfg.tasks)  # the prompt and decoding the validation used
+            extra = {GENERATION_NAME: writes.to_json()} if writes is not None else None
+            save_model(final, self.run_dir / "model", self.tokenizer, extra)
             if self.ema is not None:
-                save_model(self.ema.module, self.run_dir / "model_ema", self.tokenizer)
+                save_model(self.ema.module, self.run_dir / "model_ema", self.tokenizer, extra)
             if self.log is not None:
                 self.log.close()
         D.teardown()
