@@ -60,6 +60,8 @@ SPECS: dict[str, Spec] = {
     "search": Spec(quick=("--sizes", "10000", "--real", "1000", "--queries", "50",
                           "--methods", "exact", "ivf_pq", "ivf_sq")),
     "quality_flickr8k": Spec(quick=("--epochs", "2")),
+    "caption_quality": Spec(quick=("--baselines-only",)),
+    "generate_speed": Spec(quick=("--batches", "1", "--threads", "1")),
     "gpu_train": Spec(needs_cuda=True, quick=("--steps", "10", "--warmup", "5", "--reference", "open_clip"),
                       full=("--reference", "open_clip", "--find-max-batch")),
     "gpu_input": Spec(needs_cuda=True, quick=("--workers", "0", "4", "--limit", "512", "--repeats", "1")),
