@@ -18,6 +18,9 @@ from torch import Tensor, nn
 from vlkit.errors import VlkitError
 from vlkit.inference.interface import GenerationSpec, require_generative
 
+#: the prompt after which a generative model answers a question (``{question}`` is replaced)
+VQA_PROMPT = "question: {question} answer:"
+
 
 @dataclass
 class CaptionInputs:

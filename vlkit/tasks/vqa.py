@@ -28,7 +28,7 @@ from vlkit.data.answers import AnswerVocab
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.errors import VlkitError
-from vlkit.inference.captions import write_captions
+from vlkit.inference.captions import VQA_PROMPT, write_captions
 from vlkit.inference.interface import is_generative
 from vlkit.metrics.vqa import vqa_metrics
 from vlkit.modules.losses.captioning import caption_loss
@@ -38,8 +38,6 @@ from vlkit.tasks.retrieval import _no_sync, unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 QA_COLUMNS = ["questions", "answers"]
-#: the prompt a generative model answers after
-VQA_PROMPT = "question: {question} answer:"
 
 
 def vqa_prompts(questions: list[str], template: str | None = None) -> list[str]:

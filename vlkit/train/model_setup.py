@@ -6,6 +6,7 @@ from vlkit.config.schema import TrainConfig
 from vlkit.data.store import open_dataset, split_indices
 from vlkit.data.text import TextTokenizer, build_word_tokenizer
 from vlkit.errors import VlkitError
+from vlkit.inference.captions import VQA_PROMPT
 from vlkit.models.io import load_tokenizer
 from vlkit.models.lit import lock_tower
 from vlkit.models.registry import create_model
@@ -14,12 +15,19 @@ from vlkit.train.distributed import DistInfo
 SPECIAL_SEP = "[SEP]"
 
 
-def training_captions(cfg: TrainConfig) -> list[str]:
-    """Every caption (and question) of every task's training split, sorted (the same on every rank)."""
+def training_captions(cfg: TrainConfig, generative: bool = False) -> list[str]:
+    """Every caption (and question) of every task's training split, sorted (the same on every rank).
+
+    Args:
+        generative: the model writes text: the answers of VQA tasks (it writes them) and the default VQA prompt
+            are included too.
+    """
     texts: set[str] = set()
     for task in cfg.tasks:
         if task.prompt:
             texts.add(task.prompt)
+        if generative and task.name == "vqa" and not task.prompt:
+            texts.add(VQA_PROMPT)
         data = cfg.datasets[task.dataset]
         ds = open_dataset(data.path)
         offsets = split_indices(ds, data.train_split)
@@ -28,6 +36,10 @@ def training_captions(cfg: TrainConfig) -> list[str]:
         for column in columns:
             for values in table.column(column).to_pylist():
                 texts.update(values or [])
+        if generative and task.name == "vqa" and "answers" in ds.schema.names:
+            for per_image in ds.take(offsets, columns=["answers"]).column("answers").to_pylist():
+                for answers in per_image or []:
+                    texts.update(a for a in (answers or []) if a)
     if not texts:
         raise VlkitError("no captions in the training splits to build a tokenizer from; set model.tokenizer")
     return sorted(texts)
@@ -89,7 +101,8 @@ def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
         args.setdefault("eos_token_id", tokenizer.tokenizer.token_to_id(SPECIAL_SEP))
     elif _word_vocab_ids(cfg.model.name) is not None and cfg.model.pretrained is None:
         length_arg, *ids = _word_vocab_ids(cfg.model.name)
-        tokenizer = build_word_tokenizer(training_captions(cfg), max_length=args.get(length_arg, 32))
+        texts = training_captions(cfg, generative=cfg.model.name.startswith(GENERATIVE_PREFIXES))
+        tokenizer = build_word_tokenizer(texts, max_length=args.get(length_arg, 32))
         args.setdefault(length_arg, tokenizer.max_length)
         args.setdefault("vocab_size", tokenizer.vocab_size)
         for arg in ids:
