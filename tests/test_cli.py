@@ -30,8 +30,10 @@ def test_synth_info_show(tmp_path):
 
 
 def test_quickstart_runs_the_main_job(tmp_path):
-    """The whole main job, shortened to 2 epochs: ingest, train, evaluate, curves, index, example query."""
-    proc = run_cli("quickstart", "--out", tmp_path / "qs", "epochs=2", "progress=false", cwd=tmp_path, timeout=600)
+    """The whole main job, shortened to 2 epochs (the captioner to 1): ingest, train, evaluate, curves, index,
+    example query, a caption of the query's top image."""
+    proc = run_cli("quickstart", "--out", tmp_path / "qs", "--caption-epochs", "1", "epochs=2", "progress=false",
+                   cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "76 images, 380 captions, 26 questions" in proc.stdout
     assert "t2i_r1" in proc.stdout and "example query" in proc.stdout
@@ -43,6 +45,11 @@ def test_quickstart_runs_the_main_job(tmp_path):
     assert len(hits) == 3 and all(".jpg" in line for line in hits), proc.stdout  # score, image id, caption
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert 0 <= summary["metrics"]["val/data/t2i_r1"] <= 100
+    # the captioner's caption of the top image, also written by `vlkit caption` from its run
+    top = hits[0].split()[1]
+    assert summary["caption"]["image"] == top and summary["caption"]["caption"].strip()
+    assert f"{top}: {summary['caption']['caption']!r}" in proc.stdout
+    assert (tmp_path / "qs" / "caption-run" / "model" / "generation.json").exists()
 
 
 def test_help_lists_subcommands():

@@ -32,23 +32,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/quickstart",
                    help="working folder (default runs/quickstart): new, empty or an earlier quickstart folder")
     p.add_argument("--query", default="a laptop on a desk", help="the example text query")
+    p.add_argument("--caption-epochs", type=int, default=20, metavar="N",
+                   help="also train the caption_quickstart recipe (a captioner on the same offline encoders) for N "
+                   "epochs into OUT/caption-run (then caption-run-2, ...) and caption the example query's top image "
+                   "(default 20; 0 skips it)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the quickstart recipe, e.g. epochs=5")
     p.set_defaults(func=run)
 
 
-def _run_folder(out: Path, resume: bool) -> Path:
+def _run_folder(out: Path, resume: bool, name: str = "run") -> Path:
     """The run folder: ``OUT/run``, then ``OUT/run-2``, ``OUT/run-3``, ... (one past the newest); with
-    ``resume`` the newest that exists."""
-    numbers = [1] if os.path.lexists(out / "run") else []
+    ``resume`` the newest that exists. ``name`` replaces ``run`` (``caption-run``)."""
+    numbers = [1] if os.path.lexists(out / name) else []
     if out.is_dir():
-        numbers += [int(p.name[4:]) for p in out.iterdir() if re.fullmatch(r"run-\d+", p.name)]
+        numbers += [int(p.name[len(name) + 1:]) for p in out.iterdir() if re.fullmatch(rf"{name}-\d+", p.name)]
     if resume:
         if not numbers:
             raise VlkitError(f"resume: no earlier quickstart run in {out}")
         newest = max(numbers)
     else:
         newest = max(numbers, default=0) + 1
-    return out / ("run" if newest == 1 else f"run-{newest}")
+    return out / (name if newest == 1 else f"{name}-{newest}")
 
 
 def _holding_run(out: Path, checkpoint: str) -> Path:
@@ -99,9 +103,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(recipe_path("quickstart"), overrides)
     if not resume:
         check_new_run_dir(run_dir)
+    if args.caption_epochs < 0:
+        raise VlkitError(f"--caption-epochs must be 0 or more, got {args.caption_epochs}")
+    caption_cfg = None
+    if args.caption_epochs:
+        caption_dir = _run_folder(out, False, "caption-run")
+        caption_cfg = load_config(recipe_path("caption_quickstart"), [
+            f"datasets.data.path={dataset}", f"output_dir={caption_dir}", f"epochs={args.caption_epochs}",
+            "datasets.data.val_split=null", "best_metric=null", f"progress={str(cfg.progress).lower()}",
+            "batch_size=16", "optim.warmup_steps=10"])  # a small dataset: smaller batches, a short warmup
+        check_new_run_dir(caption_dir)
+    steps = 7 if caption_cfg is not None else 6
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "quickstart")
-    print(f"[1/6] ingest {', '.join(map(str, sources))}")
+    print(f"[1/{steps}] ingest {', '.join(map(str, sources))}")
     report = ingest(sources, dataset, images_root=args.images_root, val_fraction=0.2, test_fraction=0.0,
                     progress=False)
     print("      " + report.summary().replace("\n", "\n      "))
@@ -111,21 +126,28 @@ def run(args: argparse.Namespace) -> int:
     sheet = contact_sheet(dataset, sheet_path, n=16)
 
     kept = "" if resume or run_dir.name == "run" else f" (the earlier runs in {out} are kept)"
-    print(f"[2/6] train {cfg.model.name} for {cfg.epochs} epochs (batch {cfg.batch_size}) -> {run_dir}{kept}")
+    print(f"[2/{steps}] train {cfg.model.name} for {cfg.epochs} epochs (batch {cfg.batch_size}) -> {run_dir}{kept}")
     trainer = Trainer(cfg)
     metrics = trainer.run()
-    print("[3/6] retrieval on the validation split:")
+    print(f"[3/{steps}] retrieval on the validation split:")
     for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"):
         value = metrics.get(f"val/data/{key}")
         if value is not None:
             print(f"      {key:8s} {value:6.1f}")
     curves = plot_run(run_dir, run_dir / "curves.png")
-    print(f"[4/6] training curves: {curves}")
+    print(f"[4/{steps}] training curves: {curves}")
     info = build_index(load_for_inference(run_dir), dataset, index_dir)
-    print(f"[5/6] search index of {info.images} images and {info.captions} captions -> {index_dir}")
-    print(f"[6/6] example query {args.query!r}:")
-    for hit in Searcher(index_dir).search_text(args.query, k=3):
+    print(f"[5/{steps}] search index of {info.images} images and {info.captions} captions -> {index_dir}")
+    print(f"[6/{steps}] example query {args.query!r}:")
+    hits = Searcher(index_dir).search_text(args.query, k=3)
+    for hit in hits:
         print(f"      {hit.score:.3f}  {hit.id}  ({hit.caption})")
+    caption = None
+    if caption_cfg is not None and hits:
+        print(f"[7/7] train {caption_cfg.model.name} for {caption_cfg.epochs} epochs -> {caption_cfg.output_dir}")
+        Trainer(caption_cfg).run()
+        caption = _caption_image(Path(caption_cfg.output_dir), dataset, hits[0].id)
+        print(f"      {hits[0].id}: {caption!r}")
     print("\nwhere things are:")
     print(f"  dataset      {dataset}   (vlkit data info {dataset})")
     print(f"  contact sheet {sheet}")
@@ -134,5 +156,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"  metrics      {run_dir / 'metrics.jsonl'}")
     print(f"  curves       {curves}")
     print(f"  index        {index_dir}   (vlkit search {index_dir} \"a dog on the grass\"; vlkit serve {index_dir})")
-    atomic_write(summary_path, json.dumps({"run": str(run_dir), "metrics": metrics}, indent=2))
+    summary = {"run": str(run_dir), "metrics": metrics}
+    if caption is not None:
+        print(f"  captioner    {caption_cfg.output_dir}   (vlkit caption {caption_cfg.output_dir} IMAGE.jpg)")
+        summary.update(caption_run=str(caption_cfg.output_dir), caption={"image": hits[0].id, "caption": caption})
+    atomic_write(summary_path, json.dumps(summary, indent=2))
     return 0
+
+
+def _caption_image(run_dir: Path, dataset: Path, image_id: str) -> str:
+    """The caption the run's model writes for the dataset image ``image_id`` (its own beams and prompt)."""
+    import pyarrow.compute as pc
+    import torch
+
+    from vlkit.data.store import open_dataset
+    from vlkit.inference.captions import write_captions
+    from vlkit.search.loading import load_for_inference
+
+    loaded = load_for_inference(run_dir)
+    ds = open_dataset(dataset)
+    offset = pc.index(ds.to_table(columns=["id"]).column("id"), image_id).as_py()
+    (_, data), = ds.read_blobs("image", indices=[offset])
+    transform = loaded.model.preprocess.image_transform(train=False)
+    with torch.no_grad():
+        pixels = transform.normalize(transform(bytes(data))[None])  # [1, 3, S, S]
+        return write_captions(loaded.model, loaded.tokenizer, pixels, loaded.generation.prompt,
+                              **loaded.generation.settings())[0][0][0]
