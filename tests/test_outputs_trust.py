@@ -331,9 +331,10 @@ def _quickstart_folder(tmp_path: Path) -> Path:
 
 def test_quickstart_resume_is_read_from_the_config(tmp_path, capsys, monkeypatch):
     qs = _quickstart_folder(tmp_path)
-    # resume=null is no resume: a new run folder, checked as one
-    assert _quickstart_until_ingest(capsys, monkeypatch, qs, "resume=null") == [qs / "run-2"]
-    assert _quickstart_until_ingest(capsys, monkeypatch, qs, "resume=latest") == []
+    # resume=null is no resume: a new run folder, checked as one (and the captioner's new run folder)
+    assert _quickstart_until_ingest(capsys, monkeypatch, qs, "resume=null") == [qs / "run-2", qs / "caption-run"]
+    assert _quickstart_until_ingest(capsys, monkeypatch, qs, "resume=latest") == [qs / "caption-run"]
+    assert _quickstart_until_ingest(capsys, monkeypatch, qs, "--caption-epochs", "0", "resume=latest") == []
     _one_line_error(_cli(capsys, "quickstart", "--out", qs, f"output_dir={tmp_path / 'elsewhere'}"),
                     "output_dir=", "--out")
     other = tmp_path / "other" / "checkpoints" / "step-00000010"

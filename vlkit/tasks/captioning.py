@@ -72,7 +72,7 @@ class CaptioningTask(Task):
         starts = list(range(0, n, size))
         for k, start in enumerate(starts):
             part = slice(start, start + size)
-            weight = len(range(n)[part]) / n
+            weight = (min(start + size, n) - start) / n  # the loss is a mean: weight each micro-batch by its rows
             tokens = caption_inputs(self.tokenizer, inner.generation, batch["text"][part], self.cfg.prompt).to(device)
             labels = caption_labels(tokens.input_ids, tokens.attention_mask, tokens.prompt_length)
             images = batch["image"][part].to(device, non_blocking=True)
