@@ -64,6 +64,18 @@ def trained_run(synth, tmp_path_factory):
     return run, metrics
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run as fast on one torch thread, and stay fast when other processes busy the CPUs; a module
+    uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _restore_pixel_limit():
     """Every test starts and ends with the default pixel limit (``vlkit --max-pixels`` run in-process sets the

@@ -141,13 +141,7 @@ def scripted(state: dict) -> torch.jit.ScriptModule:
         return torch.jit.script(root)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is as fast, and stays fast when other processes busy the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module", params=list(CASES))

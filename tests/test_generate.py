@@ -21,13 +21,7 @@ from vlkit.modules.decoders import TextDecoderConfig, TransformerTextDecoder
 PAD, BOS, EOS = 0, 2, 3  # the word tokenizer's [PAD], [CLS], [SEP]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is far faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 class TinyCaptioner(nn.Module):

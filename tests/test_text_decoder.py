@@ -10,13 +10,7 @@ from vlkit.modules.decoders import TextDecoderConfig, TransformerTextDecoder, te
 from vlkit.modules.layers.transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is far faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 def tiny(cross=None, tie=True, dtype=torch.float32) -> TransformerTextDecoder:
