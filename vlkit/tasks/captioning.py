@@ -22,7 +22,7 @@ from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.errors import VlkitError
 from vlkit.inference.captions import caption_inputs, write_captions
 from vlkit.inference.interface import require_generative
-from vlkit.modules.losses.captioning import caption_labels, caption_loss
+from vlkit.modules.losses.captioning import IGNORE_INDEX, caption_labels, caption_loss
 from vlkit.modules.losses.distributed import distributed_contrastive_loss
 from vlkit.tasks import register_task
 from vlkit.tasks.base import Task
@@ -70,12 +70,16 @@ class CaptioningTask(Task):
         size = -(-n // micro_batches)
         logs = {"loss": 0.0, "caption_loss": 0.0, "token_acc": 0.0}
         starts = list(range(0, n, size))
-        for k, start in enumerate(starts):
-            part = slice(start, start + size)
-            weight = (min(start + size, n) - start) / n  # the loss is a mean: weight each micro-batch by its rows
-            tokens = caption_inputs(self.tokenizer, inner.generation, batch["text"][part], self.cfg.prompt).to(device)
-            labels = caption_labels(tokens.input_ids, tokens.attention_mask, tokens.prompt_length)
-            images = batch["image"][part].to(device, non_blocking=True)
+        parts = []
+        for start in starts:
+            tokens = caption_inputs(self.tokenizer, inner.generation, batch["text"][start:start + size],
+                                    self.cfg.prompt).to(device)
+            parts.append((tokens, caption_labels(tokens.input_ids, tokens.attention_mask, tokens.prompt_length)))
+        total = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in parts)
+        for k, (start, (tokens, labels)) in enumerate(zip(starts, parts)):
+            # the loss is a mean over the batch's predicted tokens: weight each micro-batch by its share of them
+            weight = int((labels != IGNORE_INDEX).sum()) / max(total, 1)
+            images = batch["image"][start:start + size].to(device, non_blocking=True)
             sync = _no_sync(model) if k < len(starts) - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
