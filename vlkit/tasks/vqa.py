@@ -250,14 +250,14 @@ def answer_split(model: nn.Module, tokenizer, ds: LanceImageTextDataset, dist: D
     rows: list[tuple[int, list[tuple[str, list[str]]]]] = []
     for batch in loader:
         owner, questions, answers = expand_questions(batch)
-        tokens = tokenizer(questions)
         images = batch["image"][torch.tensor(owner, dtype=torch.long)].to(dist.device)
         with autocast:
-            if generative:
+            if generative:  # the questions go into the prompts, tokenised there
                 written = write_captions(inner, tokenizer, images, vqa_prompts(questions, prompt),
                                          **(settings or answer_settings()))
                 predicted = [w[0][0] for w in written]
             else:
+                tokens = tokenizer(questions)
                 logits = inner(images, tokens["input_ids"].to(dist.device), tokens["attention_mask"].to(dist.device),
                                head="answer")
                 predicted = [vocab.answers[i] for i in logits.float().argmax(dim=-1).tolist()]
