@@ -31,12 +31,13 @@ class ITMTask(RetrievalTask):
         if micro_batches != 1:
             raise VlkitError("the itm task mines hard negatives inside the batch: use grad_accum=1")
         if not hasattr(unwrap(model), "pretrain_losses"):
-            raise VlkitError(f"task itm needs a fusion model (albef-*, vilt-*), not {type(unwrap(model)).__name__}")
+            raise VlkitError(f"task itm needs a model with pre-training losses (albef-*, blip-*, blip2-*, vlmo-*, "
+                             f"vilt-*), not {type(unwrap(model)).__name__}")
         with autocast:
             out = model(*self._inputs(batch, self.dist.device), head="pretrain")
         self._backward(out.loss * self.cfg.weight * loss_scale, scaler)
         logs = {"loss": float(out.loss.detach())}
-        for name in ("itc", "itm", "mlm", "itm_accuracy"):
+        for name in ("itc", "itm", "mlm", "lm", "mim", "itm_accuracy"):
             value = getattr(out, name, None)
             if value is not None:
                 logs[name] = float(value.detach() if torch.is_tensor(value) else value)

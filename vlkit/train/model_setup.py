@@ -64,13 +64,16 @@ def training_answers(cfg: TrainConfig) -> list[str]:
     return AnswerVocab.build(answer_lists).answers if answer_lists else []
 
 
-FUSION_PREFIXES = ("albef", "vilt")
-GENERATIVE_PREFIXES = ("coca", "captioner")
+FUSION_PREFIXES = ("albef", "vilt", "vlmo", "blip")
+GENERATIVE_PREFIXES = ("coca", "captioner", "blip")
 #: small models trained from scratch on a word-level vocabulary built from the training captions: the config
 #: key of their text length, and the token ids their configs take from the vocabulary
 WORD_VOCAB_MODELS = {
     "albef": ("context_length", "mask_token_id", "pad_token_id"),
     "vilt": ("context_length", "mask_token_id", "pad_token_id"),
+    "vlmo": ("context_length", "mask_token_id", "pad_token_id"),
+    "blip2-tiny": ("context_length", "pad_token_id", "bos_token_id", "eos_token_id"),
+    "blip-": ("context_length", "pad_token_id", "bos_token_id", "eos_token_id"),
     "coca-tiny": ("context_length", "pad_token_id", "bos_token_id", "eos_token_id"),
     "captioner-tiny": ("max_positions", "pad_token_id", "bos_token_id", "eos_token_id"),
 }

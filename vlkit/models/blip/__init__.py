@@ -1,0 +1,1 @@
+"""blip models (named sizes register on import)."""

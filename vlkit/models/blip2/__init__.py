@@ -1,0 +1,1 @@
+"""blip2 models (named sizes register on import)."""

@@ -1,0 +1,1 @@
+"""vlmo models (named sizes register on import)."""
