@@ -25,13 +25,15 @@ TOKENIZER_NAME = "tokenizer.json"
 def architectures() -> dict[str, type[nn.Module]]:
     """Model classes by the architecture name stored in ``config.json``."""
     from vlkit.models.albef.model import ALBEF
+    from vlkit.models.blip.model import BLIP
     from vlkit.models.brivl.model import BriVL
     from vlkit.models.captioner.model import Captioner
     from vlkit.models.clip.model import CLIP
     from vlkit.models.coca.model import CoCa
     from vlkit.models.vilt.model import ViLT
 
-    return {"clip": CLIP, "brivl": BriVL, "albef": ALBEF, "vilt": ViLT, "captioner": Captioner, "coca": CoCa}
+    return {"clip": CLIP, "brivl": BriVL, "albef": ALBEF, "blip": BLIP, "vilt": ViLT, "captioner": Captioner,
+            "coca": CoCa}
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
