@@ -231,6 +231,18 @@ class ALBEF(nn.Module):
         """Probability that each image matches its text, ``[batch]``."""
         return self.itm_head(self._fused_cls(images, input_ids, attention_mask)).softmax(dim=-1)[:, 1]
 
+    # ----------------------------------------------------------------- matching (vlkit.inference.matching)
+    def match_features(self, images: Tensor) -> Tensor:
+        """The image side of matching, computed once per image: :meth:`image_tokens`,
+        ``[batch, 1 + patches, vision_width]``."""
+        return self.image_tokens(images)
+
+    def match_scores(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Probability ``[batch]`` that the image of ``features`` row ``i`` (from :meth:`match_features`) matches
+        text ``i``; equal to :meth:`itm_scores` on the images."""
+        fused = self.fuse(features, input_ids, attention_mask)[:, 0]  # [batch, text_width]
+        return self.itm_head(fused).softmax(dim=-1)[:, 1]
+
     def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """VQA logits over ``config.answers``, ``[batch, answers]`` (questions as ``input_ids``).
 

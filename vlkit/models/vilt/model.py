@@ -153,6 +153,18 @@ class ViLT(nn.Module):
         """Probability that each image matches its text, ``[batch]``."""
         return self.itm_head(self.fused_cls(images, input_ids, attention_mask)).softmax(dim=-1)[:, 1]
 
+    # ----------------------------------------------------------------- matching (vlkit.inference.matching)
+    def match_features(self, images: Tensor) -> Tensor:
+        """The image side of matching, computed once per image: :meth:`embed_image` (patch tokens with position
+        and modality embeddings), ``[batch, N, width]``; the transformer itself runs per pair."""
+        return self.embed_image(images)
+
+    def match_scores(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Probability ``[batch]`` that the image of ``features`` row ``i`` (from :meth:`match_features`) matches
+        text ``i``: the transformer over ``[text; image]``; equal to :meth:`itm_scores` on the images."""
+        tokens = self._encode(input_ids, self._mask(input_ids, attention_mask), features)  # [batch, L + N, width]
+        return self.itm_head(self.pooler(tokens[:, 0])).softmax(dim=-1)[:, 1]
+
     def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """VQA logits over ``config.answers``, ``[batch, answers]``.
 
