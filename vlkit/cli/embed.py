@@ -24,10 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vlkit embed``."""
-    from vlkit.search.embed import compute_embeddings, write_embeddings
+    from vlkit.search.embed import compute_embeddings, require_embeddings, write_embeddings
     from vlkit.search.loading import load_for_inference
 
     loaded = load_for_inference(args.run)
+    require_embeddings(loaded.model, "vlkit embed")
     emb = compute_embeddings(loaded, args.data, None, batch_size=args.batch_size, num_workers=args.workers,
                              progress=not args.no_progress)
     version = write_embeddings(args.data, emb, loaded.tag, str(loaded.source))

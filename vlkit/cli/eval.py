@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: a built-in set of 16)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images of the split")
+    p.add_argument("--rerank", type=int, metavar="K",
+                   help="retrieval: re-rank each query's top K candidates (by contrastive similarity) with the "
+                   "model's image-text matching head (albef-*, blip-*, ...); the metrics are after re-ranking, "
+                   "those before are kept as ..._itc")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
     p.add_argument("--beams", type=int, metavar="N",
                    help="captioning and generated VQA answers: beam search width; 1 is greedy (default: what the "
@@ -63,12 +67,22 @@ def _print_table(summary: dict, result) -> None:
     print(f"model {summary['model']}  (weights {summary['model_tag']})")
     if result.retrieval is not None:
         m = result.retrieval
-        print(f"{summary['images']} images, {summary['captions']} captions\n")
-        print(f"{'':14}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>12}{'median rank':>13}")
+        print(f"{summary['images']} images, {summary['captions']} captions")
+        if summary.get("ranking") == "itm":
+            print(f"ranked by image-text matching over all {summary['pairs']} pairs (a fusion-only model)")
+        elif "rerank" in summary:
+            print(f"each query's top {summary['rerank']} re-ranked by image-text matching ({summary['rerank_pairs']} "
+                  f"pairs scored in {summary['rerank_seconds']:.1f} s); 'itc' rows are before re-ranking")
+        print(f"\n{'':18}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>12}{'median rank':>13}")
+        before = {k.rsplit("/", 1)[-1][: -len("_itc")]: v for k, v in summary["metrics"].items() if k.endswith("_itc")}
         for name, key in (("text->image", "t2i"), ("image->text", "i2t")):
-            v = [getattr(m, f"{key}_{s}") for s in ("r1", "r5", "r10", "mean_rank", "median_rank")]
-            print(f"{name:14}{v[0]:8.2f}{v[1]:8.2f}{v[2]:8.2f}{v[3]:12.2f}{v[4]:13.1f}")
-        print(f"{'rsum':14}{m.rsum:8.2f}")
+            fields = [f"{key}_{s}" for s in ("r1", "r5", "r10", "mean_rank", "median_rank")]
+            rows = [(name, [getattr(m, f) for f in fields])]
+            if before:
+                rows.append((f"{name} itc", [before[f] for f in fields]))
+            for label, v in rows:
+                print(f"{label:18}{v[0]:8.2f}{v[1]:8.2f}{v[2]:8.2f}{v[3]:12.2f}{v[4]:13.1f}")
+        print(f"{'rsum':18}{m.rsum:8.2f}" + (f"   (itc {before['rsum']:.2f})" if before else ""))
     elif summary["task"] == "vqa":
         prefix = next(k for k in summary["metrics"] if k.endswith("vqa_acc"))[: -len("vqa_acc")]
         how = "generated answers" if summary["generative"] else f"{summary['answers']} answers in the head"
@@ -152,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         from vlkit.utils.fs import check_output_dir
 
         check_output_dir(args.report, "report", inputs=[args.data, args.model], what="--report")
+    if args.rerank is not None and args.task != "retrieval":
+        from vlkit.errors import VlkitError
+
+        raise VlkitError("--rerank applies to --task retrieval only")
     templates = None
     if args.templates:
         if args.task != "zeroshot":
@@ -164,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.task, args.data, args.split, train_split=args.train_split,
                       templates=templates, batch_size=args.batch_size, limit=args.limit,
                       num_workers=args.num_workers, progress=not args.json and sys.stderr.isatty(),
-                      settings=settings, prompt=args.prompt, spice=args.spice)
+                      settings=settings, prompt=args.prompt, spice=args.spice, rerank=args.rerank)
     summary = result.summary()
     if args.predictions:
         from vlkit.eval.caption_report import coco_results
@@ -172,6 +190,10 @@ def run(args: argparse.Namespace) -> int:
 
         atomic_write(args.predictions, json.dumps(coco_results(result), indent=1) + "\n")
         summary["predictions"] = str(args.predictions)
+    if args.report and result.task == "retrieval" and result.embeddings is None:
+        print("vlkit: warning: no report: its retrieval figures draw on embeddings, and a fusion-only model has "
+              "none", file=sys.stderr)
+        args.report = None
     if args.report:
         from vlkit.eval.report import write_report
 

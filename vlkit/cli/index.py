@@ -35,12 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vlkit index``."""
+    from vlkit.search.embed import require_embeddings
     from vlkit.search.index import build_index
     from vlkit.search.loading import load_for_inference
     from vlkit.utils.fs import check_output_dir
 
     check_output_dir(args.out, "index", inputs=[args.data, args.run], what="--out")  # before any work
     loaded = load_for_inference(args.run)
+    require_embeddings(loaded.model, "vlkit index")
     info = build_index(loaded, args.data, args.out, args.split, batch_size=args.batch_size,
                        ann_threshold=args.ann_threshold, num_workers=args.workers, progress=not args.no_progress)
     print(f"indexed {info.images} images and {info.captions} captions ({info.dim}-d, model {info.model_tag}) "

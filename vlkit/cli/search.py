@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--captions", action="store_true", help="with --image: return captions (image->text)")
     p.add_argument("--k", type=int, default=5, help="results to return (1-100)")
     p.add_argument("--model", help="embed the query with this run instead of the index's own model")
+    p.add_argument("--rerank", type=int, metavar="K",
+                   help="text queries: re-score the K nearest images (K >= --k, at most 100) with the model's "
+                   "image-text matching head (albef-*, blip-*, ...) and return the best --k by it; each score "
+                   "becomes the ITM probability (the cosine is kept)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -29,13 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``vlkit search``."""
     from vlkit.errors import VlkitError
-    from vlkit.search.searcher import Searcher, check_image, check_k
+    from vlkit.search.searcher import MAX_K, Searcher, check_image, check_k
 
     if (args.query is None) == (args.image is None):
         raise VlkitError("give either a text query or --image PATH (not both)")
     if args.captions and args.image is None:
         raise VlkitError("--captions searches captions by image: it needs --image PATH")
     check_k(args.k)
+    if args.rerank is not None:
+        if args.image is not None:
+            raise VlkitError("--rerank re-scores the images of a text query: it does not apply to --image")
+        if not args.k <= args.rerank <= MAX_K:
+            raise VlkitError(f"--rerank must be from --k ({args.k}) to {MAX_K}: it is the number of nearest images "
+                             f"re-scored, of which the best --k are returned; got {args.rerank}")
     data = None
     if args.image is not None:
         path = Path(args.image)
@@ -47,18 +58,36 @@ def run(args: argparse.Namespace) -> int:
         except VlkitError as exc:
             raise VlkitError(f"{path}: {exc}") from None
     searcher = Searcher(args.index, args.model)
-    if data is not None:
+    reranked = None
+    if args.rerank is not None:
+        from vlkit.inference.matching import require_matching
+
+        require_matching(searcher.loaded.model, "--rerank")  # one line before the query is run
+        reranked = searcher.rerank_text(args.query, args.k, args.rerank)
+        hits = reranked.hits
+        if reranked.note:
+            print(f"vlkit: warning: {reranked.note}; re-scoring the index's stored thumbnails instead",
+                  file=sys.stderr)
+    elif data is not None:
         hits = searcher.image_to_text(data, args.k) if args.captions else searcher.search_image(data, args.k)
     else:
         hits = searcher.search_text(args.query, args.k)
     if not searcher.model_matches:
         print(f"vlkit: warning: {args.model} is not the model that built the index; scores compare embeddings "
-              "of two models", file=__import__("sys").stderr)
+              "of two models", file=sys.stderr)
     if args.json:
-        print(json.dumps({"query": args.query, "image": args.image, "k": args.k,
-                          "results": [asdict(h) for h in hits]}))
+        out = {"query": args.query, "image": args.image, "k": args.k,
+               "results": [{k: v for k, v in asdict(h).items() if reranked is not None or k not in ("cosine", "itm")}
+                           for h in hits]}
+        if reranked is not None:
+            out.update(rerank=args.rerank, score="itm", images_from=reranked.images_from)
+        print(json.dumps(out))
         return 0
+    if reranked is not None:
+        print(f"best {args.k} of the {args.rerank} nearest images by image-text matching ({reranked.images_from} "
+              "images)\n  #    ITM  cosine")
     for rank, hit in enumerate(hits, 1):
         label = hit.text if args.captions else f"{hit.id}  {hit.caption}"
-        print(f"{rank:3d}  {hit.score:.3f}  {label}")
+        cosine = f"  {hit.cosine:6.3f}" if reranked is not None else ""
+        print(f"{rank:3d}  {hit.score:.3f}{cosine}  {label}")
     return 0

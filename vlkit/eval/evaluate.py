@@ -128,6 +128,52 @@ def _require_questions(dataset: str | Path, split: str) -> None:
         raise DataError(f"{dataset}: split '{split}' has no questions")
 
 
+def _require_embeddings_or_matching(loaded, task: str, rerank: int | None) -> None:
+    """Refuse, before any image is read, a model that cannot do ``task`` for want of embeddings or a matching
+    head (a fusion-only model such as ViLT has no image embeddings; re-ranking needs an ITM head)."""
+    from vlkit.inference.matching import require_matching
+    from vlkit.search.embed import can_embed, require_embeddings
+
+    if task in ("zeroshot", "linear-probe"):
+        require_embeddings(loaded.model, f"--task {task}")
+    elif task == "retrieval" and rerank is not None:
+        require_matching(loaded.model, "--rerank")
+        if not can_embed(loaded.model):
+            raise VlkitError(f"--rerank re-ranks the candidates of contrastive embeddings, which a "
+                             f"{type(loaded.model).__name__} lacks; without --rerank its retrieval is scored by "
+                             "ITM over every pair")
+
+
+def _evaluate_retrieval(loaded, dataset: Path, split: str, base: dict, prefix: str, common: dict,
+                        rerank: int | None) -> EvalResult:
+    """Recall@K both ways: by the contrastive embeddings, re-ranked by ITM (``rerank``), or, for a fusion-only
+    model, by ITM over every image-caption pair."""
+    from vlkit.inference.rerank import itm_retrieval, rerank_embeddings
+    from vlkit.search.embed import can_embed
+
+    if not can_embed(loaded.model):
+        itm = itm_retrieval(loaded, dataset, split, limit=common["limit"], batch_size=common["batch_size"],
+                            num_workers=common["num_workers"], progress=common["progress"])
+        details = {"images": len(itm.ids), "captions": len(itm.captions), "ranking": "itm",
+                   "pairs": len(itm.ids) * len(itm.captions), "itm_seconds": round(itm.seconds, 3)}
+        return EvalResult(**base, metrics=itm.metrics.as_dict(prefix), details=details, embeddings=None,
+                          retrieval=itm.metrics)
+    emb = compute_embeddings(loaded, dataset, split, captions=True, **common)
+    m = retrieval_metrics(emb.image, emb.text, emb.caption_image)
+    details: dict[str, Any] = {"images": len(emb.ids), "captions": len(emb.captions)}
+    if rerank is None:
+        return EvalResult(**base, metrics=m.as_dict(prefix), details=details, embeddings=emb, retrieval=m)
+    done = rerank_embeddings(loaded, dataset, split, emb, rerank, batch_size=common["batch_size"],
+                             num_workers=common["num_workers"], progress=common["progress"])
+    after = done.metrics(emb.image, emb.text, emb.caption_image)
+    metrics = {**after.as_dict(prefix), **{f"{k}_itc": v for k, v in m.as_dict(prefix).items()}}
+    details.update(ranking="itc+itm", rerank=rerank, rerank_pairs=done.pairs,
+                   rerank_seconds=round(done.seconds, 3),
+                   rerank_note=f"each query's top {rerank} candidates by contrastive similarity re-ordered by ITM "
+                   "probability; the rest keep their contrastive order; metrics named ..._itc are before re-ranking")
+    return EvalResult(**base, metrics=metrics, details=details, embeddings=emb, retrieval=after)
+
+
 def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, batch_size: int,
                   limit: int | None, settings: dict[str, Any] | None, prompt: str | None) -> EvalResult:
     """VQA accuracy: the answer head's top answer, or the answer a generative model writes after its prompt.
@@ -227,7 +273,8 @@ def _evaluate_captioning(loaded, dataset: Path, split: str, base: dict, prefix: 
 def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str = "test", *,
              train_split: str = "train", templates: Sequence[str] | None = None, batch_size: int = 64,
              limit: int | None = None, num_workers: int = 0, progress: bool = False,
-             settings: dict[str, Any] | None = None, prompt: str | None = None, spice: bool = False) -> EvalResult:
+             settings: dict[str, Any] | None = None, prompt: str | None = None, spice: bool = False,
+             rerank: int | None = None) -> EvalResult:
     """Evaluate a run, model directory or checkpoint on ``split`` of ``dataset``.
 
     Args:
@@ -248,10 +295,14 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
             and ``max_new_tokens`` for generated VQA answers).
         prompt: the decoder's prompt (captioning: a caption prefix; vqa: a template with ``{question}``).
         spice: also compute SPICE (captioning; needs Java and the Stanford CoreNLP jars).
+        rerank: retrieval: re-rank each query's top ``rerank`` candidates with the model's ITM head
+            (:mod:`vlkit.inference.rerank`); the metrics are those after re-ranking, and the contrastive ones
+            are kept under ``..._itc`` names.
 
     Raises:
         VlkitError: unknown task, bad limit or batch size, no such run/model/checkpoint, or a model that
-            cannot do the task (captioning needs a text decoder).
+            cannot do the task (captioning needs a text decoder, re-ranking a matching head, zero-shot and
+            the linear probe image embeddings).
         DataError: no such dataset or split, or the split lacks what the task needs (captions, labels).
     """
     if task not in TASKS:
@@ -260,6 +311,9 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         raise VlkitError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise VlkitError(f"--batch-size must be at least 1, got {batch_size}")
+    if rerank is not None and (task != "retrieval" or rerank < 1):
+        raise VlkitError("--rerank applies to --task retrieval only" if task != "retrieval"
+                         else f"--rerank must be at least 1, got {rerank}")
     start = time.perf_counter()
     dataset = Path(dataset)
     split_indices(open_dataset(dataset), split)  # the dataset and the split exist
@@ -274,14 +328,12 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         from vlkit.inference.interface import require_generative
 
         require_generative(loaded.model)
+    _require_embeddings_or_matching(loaded, task, rerank)
     common = dict(batch_size=batch_size, limit=limit, num_workers=num_workers, progress=progress)
     base = dict(task=task, dataset=dataset, split=split, model=str(loaded.source), model_tag=loaded.tag)
     prefix = f"{split}/{dataset_name(dataset)}/"
     if task == "retrieval":
-        emb = compute_embeddings(loaded, dataset, split, captions=True, **common)
-        m = retrieval_metrics(emb.image, emb.text, emb.caption_image)
-        details = {"images": len(emb.ids), "captions": len(emb.captions)}
-        result = EvalResult(**base, metrics=m.as_dict(prefix), details=details, embeddings=emb, retrieval=m)
+        result = _evaluate_retrieval(loaded, dataset, split, base, prefix, common, rerank)
     elif task == "zeroshot":
         from vlkit.tasks.zeroshot import evaluate_zeroshot
 

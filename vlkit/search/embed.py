@@ -52,6 +52,30 @@ class Embeddings:
     columns: dict[str, list] = field(default_factory=dict)
 
 
+def can_embed(model) -> bool:
+    """Whether ``model`` embeds images and texts (``encode_image`` and ``encode_text``); a fusion-only model
+    such as ViLT only scores pairs."""
+    from vlkit.inference.interface import _unwrap
+
+    inner = _unwrap(model)
+    return all(callable(getattr(inner, name, None)) for name in ("encode_image", "encode_text"))
+
+
+def require_embeddings(model, what: str) -> None:
+    """Raise a one-line :class:`~vlkit.errors.VlkitError` when ``model`` cannot embed images and texts.
+
+    Args:
+        what: what needs the embeddings (``vlkit index``, ``--task zeroshot`` ...), for the message.
+    """
+    if not can_embed(model):
+        from vlkit.errors import VlkitError
+
+        raise VlkitError(f"{what} needs image and text embeddings, but a {type(model).__name__} is a fusion-only "
+                         "model (it scores image-text pairs, it embeds nothing); use a model with separate towers "
+                         "(clip-*, brivl-*, coca-*, albef-*); 'vlkit eval --task retrieval' scores a fusion-only "
+                         "model by image-text matching")
+
+
 @torch.no_grad()
 def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | None = None, *,
                        batch_size: int = 64, captions: bool = True, columns: Sequence[str] = (),
@@ -71,8 +95,10 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
 
     Raises:
         DataError: the split has no rows.
+        VlkitError: the model embeds nothing (a fusion-only model).
     """
     model, tokenizer = loaded.model, loaded.tokenizer
+    require_embeddings(model, "computing embeddings")
     ds = LanceImageTextDataset(dataset, split, model.preprocess.image_transform(train=False),
                                tokenizer if captions else None, captions="all" if captions else "none",
                                columns=columns)

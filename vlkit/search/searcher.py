@@ -51,12 +51,36 @@ class IndexUnavailable(VlkitError):
 
 @dataclass
 class ImageHit:
-    """One image found by a search."""
+    """One image found by a search.
+
+    Attributes:
+        score: the cosine similarity, or after re-ranking (:meth:`Searcher.rerank_text`) the ITM probability.
+        cosine: after re-ranking, the cosine similarity the hit was found with (else None).
+        itm: after re-ranking, the ITM probability (else None).
+    """
 
     id: str
     score: float
     caption: str
     captions: list[str] = field(default_factory=list)
+    cosine: float | None = None
+    itm: float | None = None
+
+
+@dataclass
+class RerankedHits:
+    """The hits of a re-ranked text query.
+
+    Attributes:
+        hits: the best ``k`` of the ``rerank`` nearest images, by ITM probability.
+        images_from: ``dataset`` (the images the index was built from, read by id) or ``thumbnails`` (the
+            index's stored thumbnails, when the dataset is gone).
+        note: why the thumbnails were used ('' otherwise).
+    """
+
+    hits: list[ImageHit]
+    images_from: str
+    note: str = ""
 
 
 @dataclass
@@ -285,6 +309,68 @@ class Searcher:
         check_k(k)
         opened = self._current()  # one version of the index embeds the query and answers it
         return self._images(opened, self._embed_text(opened, query), k)
+
+    def rerank_text(self, query: str, k: int = 5, rerank: int = 20) -> RerankedHits:
+        """Images for a text query: the ``rerank`` nearest by cosine, re-scored by the model's image-text
+        matching head, the best ``k`` of them by ITM probability (each hit's ``score``; ``cosine`` kept).
+
+        The images are read by id from the dataset the index was built from (``index.json``), at the model's
+        input size; when that dataset is gone or lacks an id, the index's stored thumbnails are used.
+
+        Raises:
+            QueryError: a bad query, ``k`` or ``rerank`` (from ``k`` to the most results).
+            VlkitError: the model has no matching head.
+        """
+        from vlkit.inference.matching import require_matching
+
+        check_k(k)
+        if isinstance(rerank, bool) or not isinstance(rerank, int) or not k <= rerank <= MAX_K:
+            raise QueryError(f"--rerank must be an integer from k ({k}) to {MAX_K}, not {rerank!r}")
+        opened = self._current()
+        model = require_matching(opened.loaded.model, "--rerank")
+        hits = self._images(opened, self._embed_text(opened, query), rerank)
+        if not hits:
+            return RerankedHits([], "dataset")
+        pixels, note = self._dataset_pixels(opened, [h.id for h in hits])
+        if pixels is None:
+            pixels = self._thumbnail_pixels(opened, [h.id for h in hits])
+        tokens = opened.loaded.tokenizer([query.strip()])
+        with torch.no_grad():
+            itm = model.match_scores(model.match_features(pixels), tokens["input_ids"].expand(len(hits), -1),
+                                     tokens["attention_mask"].expand(len(hits), -1)).float()  # [hits]
+        order = torch.sort(itm, descending=True, stable=True).indices[:k].tolist()
+        best = [ImageHit(hits[i].id, float(itm[i]), hits[i].caption, hits[i].captions, cosine=hits[i].score,
+                         itm=float(itm[i])) for i in order]
+        return RerankedHits(best, "thumbnails" if note else "dataset", note)
+
+    @staticmethod
+    def _dataset_pixels(opened: _Opened, ids: list[str]) -> tuple[torch.Tensor | None, str]:
+        """The images ``ids`` read from the index's dataset ``[n, 3, S, S]``, or None and why not."""
+        from vlkit.data.dataset import LanceImageTextDataset
+        from vlkit.data.store import open_dataset
+
+        path = Path(opened.info.dataset)
+        if not path.exists():
+            return None, f"the dataset the index was built from ({path}) is gone"
+        try:
+            position = {v: i for i, v in enumerate(open_dataset(path).to_table(columns=["id"])
+                                                   .column("id").to_pylist())}
+            missing = [i for i in ids if i not in position]
+            if missing:
+                return None, f"{path} no longer holds image '{missing[0]}'"
+            ds = LanceImageTextDataset(path, None, opened.transform, None, captions="none")
+            ds.offsets = [position[i] for i in ids]
+            return ds.__getitems__(list(range(len(ids))))["image"], ""
+        except (VlkitError, OSError, ValueError) as exc:
+            return None, f"cannot read {path}: {exc}"
+
+    def _thumbnail_pixels(self, opened: _Opened, ids: list[str]) -> torch.Tensor:
+        images = []
+        for image_id in ids:
+            data = self._read(opened, lambda: opened.images.search().where(
+                "id = '" + image_id.replace("'", "''") + "'").select(["thumbnail"]).limit(1).to_list())
+            images.append(opened.transform(data[0]["thumbnail"]))
+        return opened.transform.normalize(torch.stack(images))  # [n, 3, S, S]
 
     def search_image(self, data: bytes, k: int = 5) -> list[ImageHit]:
         """Images similar to an image (encoded bytes)."""
