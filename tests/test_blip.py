@@ -364,17 +364,23 @@ def test_named_sizes_and_groups(fresh):
 # ---------------------------------------------------------------------------------------------- the recipe
 @pytest.fixture(scope="module")
 def recipe_run(synth, tmp_path_factory):
-    """The shipped blip_synth recipe for a few steps on the synth fixture, with the captioning task beside itm."""
-    from vlkit.config.load import load_config
-    from vlkit.config.recipes import recipe_path
-    from vlkit.train.trainer import Trainer
+    """`vlkit train blip_synth` (the shipped recipe) for a few steps on the synth fixture, with the captioning task
+    beside itm."""
+    import contextlib
+    import io
+
+    from vlkit.cli import main
 
     run = tmp_path_factory.mktemp("blip") / "run"
-    cfg = load_config(recipe_path("blip_synth"), [
-        f"datasets.synth.path={synth}", f"output_dir={run}", "max_steps=4", "progress=false", "tensorboard=false",
-        "log_every=1", "tasks=[{name: itm, dataset: synth}, {name: captioning, dataset: synth, eval_images: 4, "
-        "num_beams: 1, max_new_tokens: 6}]"])
-    metrics = Trainer(cfg).run()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["train", "blip_synth", f"datasets.synth.path={synth}", f"output_dir={run}", "max_steps=4",
+                     "progress=false", "tensorboard=false", "log_every=1",
+                     "tasks=[{name: itm, dataset: synth}, {name: captioning, dataset: synth, eval_images: 4, "
+                     "num_beams: 1, max_new_tokens: 6}]"])
+    assert code == 0
+    metrics = json.loads(out.getvalue())
+    assert metrics["step"] == 4
     return run, metrics
 
 
