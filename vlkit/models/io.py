@@ -26,14 +26,16 @@ def architectures() -> dict[str, type[nn.Module]]:
     """Model classes by the architecture name stored in ``config.json``."""
     from vlkit.models.albef.model import ALBEF
     from vlkit.models.blip.model import BLIP
+    from vlkit.models.blip2.model import BLIP2
     from vlkit.models.brivl.model import BriVL
     from vlkit.models.captioner.model import Captioner
     from vlkit.models.clip.model import CLIP
     from vlkit.models.coca.model import CoCa
     from vlkit.models.vilt.model import ViLT
+    from vlkit.models.vlmo.model import VLMo
 
     return {"clip": CLIP, "brivl": BriVL, "albef": ALBEF, "blip": BLIP, "vilt": ViLT, "captioner": Captioner,
-            "coca": CoCa}
+            "coca": CoCa, "vlmo": VLMo, "blip2": BLIP2}
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
