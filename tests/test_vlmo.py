@@ -228,6 +228,20 @@ def test_heads_matching_and_errors(batch):
     assert can_match(model) and {"vlmo-tiny", "vlmo-base"} <= set(vlkit.list_models("vlmo*"))
 
 
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(batch):
+    images, ids, mask = batch
+    model = make(dropout=0.0).train()
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        out = model.pretrain_losses(images, ids, mask, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad.clone() for p in model.layers.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6) and len(grads[0][1]) == len(grads[1][1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0][1], grads[1][1]))
+
+
 def test_base_size():
     with torch.device("meta"):
         model = vlkit.create_model("vlmo-base")
@@ -280,10 +294,14 @@ def test_stage3_recipe_trains_and_eval_retrieval_runs(stage3_run, synth):
     logged = set().union(*rows)
     assert {"train/synth/itc", "train/synth/itm", "train/synth/mlm", "train/synth/itm_accuracy",
             "val/synth/t2i_r1", "val/synth/itm_acc"} <= logged
-    proc = run_cli("eval", stage3_run, "--data", synth, "--split", "val", "--json")
+    # retrieval by the contrastive embeddings, each query's top 3 re-ranked by the ITM head (match_features/scores)
+    proc = run_cli("eval", stage3_run, "--data", synth, "--split", "val", "--rerank", "3", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads(proc.stdout)["metrics"]
-    assert 0 <= metrics["val/synth/t2i_r1"] <= 100 and "val/synth/i2t_r10" in metrics
+    out = json.loads(proc.stdout)
+    metrics = out["metrics"]
+    assert out["rerank"] == 3 and out["rerank_pairs"] > 0 and 0 <= metrics["val/synth/t2i_r1"] <= 100
+    for name in ("t2i_r5", "t2i_r10", "i2t_r5", "i2t_r10"):  # re-ordering within the top 3 leaves these as they were
+        assert metrics[f"val/synth/{name}"] == metrics[f"val/synth/{name}_itc"]
 
 
 def test_stage2_recipe_from_a_saved_model_freezes_through_the_trainer(stage3_run, synth, tmp_path):
