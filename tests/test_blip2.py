@@ -132,8 +132,12 @@ def test_frozen_image_encoder_gets_no_gradient_and_keeps_its_statistics(tokenize
     visual = list(model.image_encoder.visual.parameters())
     assert visual and all(not p.requires_grad and p.grad is None for p in visual)
     assert model.image_encoder.norm.weight.grad is not None  # BLIP-2's ln_vision trains
-    assert all(n.startswith("image_encoder.") for n, p in model.named_parameters()
-               if p.requires_grad and model.LR_GROUPS["image"][0] in n)
+    from vlkit.train.optim import lr_group
+
+    groups = {n: lr_group(model, n) for n, p in model.named_parameters() if p.requires_grad}
+    assert groups["qformer.layers.1.ffn.mlps.query.fc1.weight"] == "text" == groups["qformer.embed.pos_embed"]
+    assert groups["qformer.query_tokens"] == "head" == groups["qformer.layers.0.cross_attn.q_proj.weight"]
+    assert groups["image_encoder.norm.weight"] == "image" and len(groups) < len(list(model.parameters()))
     cnn = FrozenImageEncoder("efficientnet_lite0", 64, pretrained=False).train()
     stats = {k: v.clone() for k, v in cnn.visual.state_dict().items()}
     tokens = cnn(torch.randn(2, 3, 64, 64))

@@ -68,12 +68,6 @@ class BLIP2(nn.Module):
 
     architecture = "blip2"
     config_class = BLIP2Config
-    #: parameter-name prefixes per learning-rate group: the Q-Former's BERT-shaped parts (embeddings,
-    #: self-attention, feed-forward) at the text rate; the queries, cross-attention, projections, heads and the
-    #: language model's new parts at the head rate (the frozen image encoder has nothing to train)
-    LR_GROUPS = {"image": ("image_encoder.",),
-                 "text": ("qformer.embed.", "qformer.embed_norm.", *(f"qformer.layers.{i}.{part}." for i in range(48)
-                          for part in ("self_attn", "ln_self", "ffn", "ln_ffn")))}
 
     def __init__(self, config: BLIP2Config, load_pretrained_encoders: bool = True):
         super().__init__()
@@ -108,6 +102,13 @@ class BLIP2(nn.Module):
         self.dec_embedding = nn.Parameter(torch.randn(c.width) * 0.02)  # BLIP-2's [DEC] start of generation
         self.lm_head = BertLMHead(c.width, c.act, c.norm_eps)
         self.lm_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        # learning-rate groups: the Q-Former's BERT-shaped parts (embeddings, self-attention, feed-forward) at the
+        # text rate; its queries and cross-attention, the projections, heads and the language model's new parts at
+        # the head rate (the frozen image encoder has nothing to train)
+        self.LR_GROUPS = {"image": ("image_encoder.",),
+                          "text": ("qformer.embed.", "qformer.embed_norm.",
+                                   *(f"qformer.layers.{i}.{part}." for i in range(c.layers)
+                                     for part in ("self_attn", "ln_self", "ffn", "ln_ffn")))}
         self.language = None
         if c.stage == 2:
             sizes = dict(vocab_size=c.vocab_size, decoder_width=c.decoder_width, decoder_layers=c.decoder_layers,
