@@ -141,6 +141,15 @@ class OracleMatcher(torch.nn.Module):
     def match_features(self, images):
         return images
 
+    def images_of(self, index: int) -> set[int]:
+        """Whether image ``index`` of the split holds true pairs: the set of its positions (by pixels)."""
+        return next(owners for owners in self.images.values() if index in owners)
+
+    def owners_of(self, emb, caption: int) -> set[int]:
+        """The images caption ``caption`` of ``emb`` belongs to (one caption text may describe several)."""
+        text = emb.captions[caption]
+        return {int(emb.caption_image[j]) for j, t in enumerate(emb.captions) if t == text}
+
     def match_scores(self, features, input_ids, attention_mask=None):
         out = []
         for pixels, ids, mask in zip(features, input_ids, attention_mask):
@@ -178,6 +187,16 @@ def test_reranking_with_a_knowing_itm_head_lifts_recall_at_1_to_recall_at_k(synt
     n_img, n_txt = len(emb.ids), len(emb.captions)
     # each direction's pairs are distinct; a pair that is a candidate both ways is scored once
     assert max(n_img, n_txt) * k <= done.pairs < (n_img + n_txt) * k
+    # BLIP's ordering (ITM + contrastive similarity): a slow per-query sort of the same sums gives the same order
+    summed = rerank_embeddings(oracle, synth, "val", emb, k, batch_size=16, score="itm+itc")
+    sims = emb.text @ emb.image.T  # [captions, images]
+    for q in range(0, n_txt, 7):
+        top = sims[q].topk(k).indices.tolist()
+        itm = [0.9 if oracle.model.images_of(j) & oracle.model.owners_of(emb, q) else 0.1 for j in top]
+        value = {j: m + (float(sims[q, j]) + 1) / 2 for j, m in zip(top, itm)}
+        assert summed.t2i[q].tolist() == sorted(top, key=lambda j: -value[j])
+        assert summed.t2i_score[q].tolist() == pytest.approx(sorted(value.values(), reverse=True), abs=1e-5)
+    assert summed.metrics(emb.image, emb.text, emb.caption_image).t2i_r1 >= before.t2i_r1
 
 
 # ---------------------------------------------------------------------------------------------- command lines

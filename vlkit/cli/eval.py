@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="retrieval: re-rank each query's top K candidates (by contrastive similarity) with the "
                    "model's image-text matching head (albef-*, blip-*, ...); the metrics are after re-ranking, "
                    "those before are kept as ..._itc")
+    p.add_argument("--rerank-score", choices=("itm", "itm+itc"), default="itm",
+                   help="with --rerank: order the top K by the ITM probability (default, as ALBEF) or by the ITM "
+                   "probability plus the contrastive similarity (as BLIP)")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
     p.add_argument("--beams", type=int, metavar="N",
                    help="captioning and generated VQA answers: beam search width; 1 is greedy (default: what the "
@@ -182,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.model, args.task, args.data, args.split, train_split=args.train_split,
                       templates=templates, batch_size=args.batch_size, limit=args.limit,
                       num_workers=args.num_workers, progress=not args.json and sys.stderr.isatty(),
-                      settings=settings, prompt=args.prompt, spice=args.spice, rerank=args.rerank)
+                      settings=settings, prompt=args.prompt, spice=args.spice, rerank=args.rerank,
+                      rerank_score=args.rerank_score)
     summary = result.summary()
     if args.predictions:
         from vlkit.eval.caption_report import coco_results

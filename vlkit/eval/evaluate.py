@@ -145,7 +145,7 @@ def _require_embeddings_or_matching(loaded, task: str, rerank: int | None) -> No
 
 
 def _evaluate_retrieval(loaded, dataset: Path, split: str, base: dict, prefix: str, common: dict,
-                        rerank: int | None) -> EvalResult:
+                        rerank: int | None, rerank_score: str = "itm") -> EvalResult:
     """Recall@K both ways: by the contrastive embeddings, re-ranked by ITM (``rerank``), or, for a fusion-only
     model, by ITM over every image-caption pair."""
     from vlkit.inference.rerank import itm_retrieval, rerank_embeddings
@@ -164,13 +164,14 @@ def _evaluate_retrieval(loaded, dataset: Path, split: str, base: dict, prefix: s
     if rerank is None:
         return EvalResult(**base, metrics=m.as_dict(prefix), details=details, embeddings=emb, retrieval=m)
     done = rerank_embeddings(loaded, dataset, split, emb, rerank, batch_size=common["batch_size"],
-                             num_workers=common["num_workers"], progress=common["progress"])
+                             num_workers=common["num_workers"], progress=common["progress"], score=rerank_score)
     after = done.metrics(emb.image, emb.text, emb.caption_image)
     metrics = {**after.as_dict(prefix), **{f"{k}_itc": v for k, v in m.as_dict(prefix).items()}}
-    details.update(ranking="itc+itm", rerank=rerank, rerank_pairs=done.pairs,
+    details.update(ranking="itc+itm", rerank=rerank, rerank_score=rerank_score, rerank_pairs=done.pairs,
                    rerank_seconds=round(done.seconds, 3),
-                   rerank_note=f"each query's top {rerank} candidates by contrastive similarity re-ordered by ITM "
-                   "probability; the rest keep their contrastive order; metrics named ..._itc are before re-ranking")
+                   rerank_note=f"each query's top {rerank} candidates by contrastive similarity re-ordered by "
+                   + ("ITM probability" if rerank_score == "itm" else "ITM probability + contrastive similarity")
+                   + "; the rest keep their contrastive order; metrics named ..._itc are before re-ranking")
     return EvalResult(**base, metrics=metrics, details=details, embeddings=emb, retrieval=after)
 
 
@@ -274,7 +275,7 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
              train_split: str = "train", templates: Sequence[str] | None = None, batch_size: int = 64,
              limit: int | None = None, num_workers: int = 0, progress: bool = False,
              settings: dict[str, Any] | None = None, prompt: str | None = None, spice: bool = False,
-             rerank: int | None = None) -> EvalResult:
+             rerank: int | None = None, rerank_score: str = "itm") -> EvalResult:
     """Evaluate a run, model directory or checkpoint on ``split`` of ``dataset``.
 
     Args:
@@ -296,7 +297,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         prompt: the decoder's prompt (captioning: a caption prefix; vqa: a template with ``{question}``).
         spice: also compute SPICE (captioning; needs Java and the Stanford CoreNLP jars).
         rerank: retrieval: re-rank each query's top ``rerank`` candidates with the model's ITM head
-            (:mod:`vlkit.inference.rerank`); the metrics are those after re-ranking, and the contrastive ones
+            (:mod:`vlkit.inference.rerank`, ordered by ``rerank_score``: ``itm`` or ``itm+itc``); the metrics are
+            those after re-ranking, and the contrastive ones
             are kept under ``..._itc`` names.
 
     Raises:
@@ -311,6 +313,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         raise VlkitError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise VlkitError(f"--batch-size must be at least 1, got {batch_size}")
+    if rerank_score not in ("itm", "itm+itc"):
+        raise VlkitError(f"unknown --rerank-score {rerank_score!r}; choose itm or itm+itc")
     if rerank is not None and (task != "retrieval" or rerank < 1):
         raise VlkitError("--rerank applies to --task retrieval only" if task != "retrieval"
                          else f"--rerank must be at least 1, got {rerank}")
@@ -333,7 +337,7 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     base = dict(task=task, dataset=dataset, split=split, model=str(loaded.source), model_tag=loaded.tag)
     prefix = f"{split}/{dataset_name(dataset)}/"
     if task == "retrieval":
-        result = _evaluate_retrieval(loaded, dataset, split, base, prefix, common, rerank)
+        result = _evaluate_retrieval(loaded, dataset, split, base, prefix, common, rerank, rerank_score)
     elif task == "zeroshot":
         from vlkit.tasks.zeroshot import evaluate_zeroshot
 

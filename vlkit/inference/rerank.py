@@ -2,8 +2,9 @@
 
 ALBEF and BLIP evaluate retrieval in two stages: the contrastive (ITC) embeddings pick the ``k`` best candidates
 of every query, then the ITM head, which sees image and text together, re-scores those ``k`` pairs. Here the
-``k`` candidates are put in order of their ITM probability alone (ALBEF's choice; BLIP adds the ITC similarity
-to the ITM score), ties kept in contrastive order; the candidates beyond ``k`` keep their contrastive order
+``k`` candidates are put in order of their ITM probability alone (``score="itm"``, ALBEF's choice) or of the
+ITM probability plus the contrastive similarity mapped to [0, 1] (``score="itm+itc"``, as BLIP adds the two),
+ties kept in contrastive order; the candidates beyond ``k`` keep their contrastive order
 after them. Both directions are re-ranked: every caption re-ranks its top-k images (text->image) and every
 image its top-k captions (image->text).
 
@@ -89,6 +90,9 @@ class Reranked:
         i2t_itm: ``[images, k]`` their ITM probabilities.
         pairs: image-caption pairs scored by the ITM head (each once).
         seconds: time taken by the re-ranking (features and pairs).
+        score: what orders the candidates: ``itm`` or ``itm+itc``.
+        t2i_score, i2t_score: the values that order them (the ITM probabilities, or those plus the mapped
+            contrastive similarity); None: the ITM probabilities.
     """
 
     k: int
@@ -98,13 +102,18 @@ class Reranked:
     i2t_itm: Tensor
     pairs: int
     seconds: float = 0.0
+    score: str = "itm"
+    t2i_score: Tensor | None = None
+    i2t_score: Tensor | None = None
 
     def ranks(self, image_embeds: Tensor, text_embeds: Tensor, text_to_image: Tensor,
               chunk_size: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
         """1-based ranks after re-ranking, as :func:`vlkit.metrics.retrieval.retrieval_ranks` returns them."""
         base = DotScores(image_embeds, text_embeds)
-        return ranks_from_scores(LiftedScores(base, self.t2i, self.t2i_itm, by_text=True),
-                                 LiftedScores(base, self.i2t, self.i2t_itm, by_text=False),
+        t2i = self.t2i_itm if self.t2i_score is None else self.t2i_score
+        i2t = self.i2t_itm if self.i2t_score is None else self.i2t_score
+        return ranks_from_scores(LiftedScores(base, self.t2i, t2i, by_text=True),
+                                 LiftedScores(base, self.i2t, i2t, by_text=False),
                                  image_embeds.shape[0], text_to_image, chunk_size)
 
     def metrics(self, image_embeds: Tensor, text_embeds: Tensor, text_to_image: Tensor,
@@ -171,8 +180,12 @@ def score_pairs(model, images: Iterator[tuple[int, Tensor]], tokens: dict[str, T
     return out
 
 
+SCORES = ("itm", "itm+itc")
+
+
 def rerank_embeddings(loaded, dataset: str | Path, split: str | None, emb, k: int, *, batch_size: int = 64,
-                      pair_batch: int = 256, num_workers: int = 0, progress: bool = False) -> Reranked:
+                      pair_batch: int = 256, num_workers: int = 0, progress: bool = False,
+                      score: str = "itm") -> Reranked:
     """Re-rank both directions' top ``k`` candidates of the embeddings ``emb`` of ``split`` with the ITM head.
 
     Args:
@@ -185,17 +198,21 @@ def rerank_embeddings(loaded, dataset: str | Path, split: str | None, emb, k: in
         pair_batch: pairs per fusion pass.
         num_workers: image decoding worker processes.
         progress: show a progress bar.
+        score: ``itm`` (order by the ITM probability) or ``itm+itc`` (plus the contrastive similarity, mapped
+            from [-1, 1] to [0, 1]).
 
     Raises:
-        VlkitError: the model has no matching head, or ``k`` is below 1.
+        VlkitError: the model has no matching head, ``k`` is below 1, or an unknown ``score``.
     """
     if k < 1:
         raise VlkitError(f"--rerank must be at least 1, got {k}")
+    if score not in SCORES:
+        raise VlkitError(f"unknown re-ranking score {score!r}; choose {' or '.join(SCORES)}")
     model = require_matching(loaded.model)
     start = time.perf_counter()
     n_img, n_txt = emb.image.shape[0], emb.text.shape[0]
-    t2i, _ = topk_candidates(emb.text, emb.image, k)  # [n_txt, k_t2i]
-    i2t, _ = topk_candidates(emb.image, emb.text, k)  # [n_img, k_i2t]
+    t2i, t2i_sim = topk_candidates(emb.text, emb.image, k)  # [n_txt, k_t2i]
+    i2t, i2t_sim = topk_candidates(emb.image, emb.text, k)  # [n_img, k_i2t]
     keys = torch.cat([t2i.flatten() * n_txt + torch.arange(n_txt).repeat_interleave(t2i.shape[1]),
                       torch.arange(n_img).repeat_interleave(i2t.shape[1]) * n_txt + i2t.flatten()])
     unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # sorted by image, then caption
@@ -214,9 +231,17 @@ def rerank_embeddings(loaded, dataset: str | Path, split: str | None, emb, k: in
     per_pair = scores[inverse]
     t2i_itm = per_pair[: t2i.numel()].view_as(t2i)
     i2t_itm = per_pair[t2i.numel():].view_as(i2t)
-    t2i, t2i_itm = order_by_itm(t2i, t2i_itm)
-    i2t, i2t_itm = order_by_itm(i2t, i2t_itm)
-    return Reranked(k, t2i, t2i_itm, i2t, i2t_itm, len(unique), time.perf_counter() - start)
+    if score == "itm":
+        t2i, t2i_itm = order_by_itm(t2i, t2i_itm)
+        i2t, i2t_itm = order_by_itm(i2t, i2t_itm)
+        return Reranked(k, t2i, t2i_itm, i2t, i2t_itm, len(unique), time.perf_counter() - start)
+    t2i_score = t2i_itm + (t2i_sim.float().clamp(-1, 1) + 1) / 2  # both in [0, 1]: the sum in [0, 2]
+    i2t_score = i2t_itm + (i2t_sim.float().clamp(-1, 1) + 1) / 2
+    by_t = torch.sort(t2i_score, dim=1, descending=True, stable=True).indices
+    by_i = torch.sort(i2t_score, dim=1, descending=True, stable=True).indices
+    pick = lambda t, order: t.gather(1, order)  # noqa: E731
+    return Reranked(k, pick(t2i, by_t), pick(t2i_itm, by_t), pick(i2t, by_i), pick(i2t_itm, by_i), len(unique),
+                    time.perf_counter() - start, score, pick(t2i_score, by_t), pick(i2t_score, by_i))
 
 
 def split_captions(dataset: str | Path, split: str | None, limit: int | None = None

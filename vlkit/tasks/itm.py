@@ -1,10 +1,12 @@
-"""Image-text matching pre-training of fusion models (ALBEF: ITC + ITM + MLM; ViLT: ITM + MLM).
+"""Image-text matching pre-training of fusion models (ALBEF, VLMo: ITC + ITM + MLM; BLIP, BLIP-2: ITC + ITM + LM;
+ViLT: ITM + MLM).
 
 Each step takes one random caption per image; the model computes its own losses (contrastive, matching with
-hard negatives, masked language modelling) through ``forward(images, input_ids, attention_mask,
-head="pretrain")``. Evaluation reports matching accuracy on the validation split (every image with its first
-caption, and with the first caption of the next image as a negative) and, for models with separate towers
-(ALBEF), retrieval recall@K as the retrieval task does.
+hard negatives, masked language modelling or captioning) through ``forward(images, input_ids, attention_mask,
+head="pretrain", group_ids=...)``, where images whose captions read the same are one group (positives of each
+other, never drawn as each other's negatives). Evaluation reports matching accuracy on the validation split
+(every image with its first caption, and with the first caption of the next image as a negative) and, for models
+with separate towers (ALBEF, BLIP, BLIP-2, VLMo), retrieval recall@K as the retrieval task does.
 """
 
 from __future__ import annotations
@@ -22,6 +24,19 @@ from vlkit.tasks.retrieval import RetrievalTask, unwrap
 from vlkit.train.distributed import all_gather_objects
 
 
+def text_groups(texts: list[str], device: torch.device | None = None) -> torch.Tensor | None:
+    """Group ids ``[batch]`` under which images whose captions read the same (case and spacing aside) are
+    positives of each other: an image with "a red circle" matches every other image captioned "a red circle", so
+    such pairs are neither contrastive negatives nor drawn as ITM negatives. None when every caption differs, or
+    when all are alike (no negative would be left).
+    """
+    first: dict[str, int] = {}
+    ids = [first.setdefault(" ".join(t.lower().split()), i) for i, t in enumerate(texts)]
+    if len(first) == len(ids) or len(first) < 2:
+        return None
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 @register_task("itm")
 class ITMTask(RetrievalTask):
     """Pre-training of a fusion model with its own losses; see the module docstring."""
@@ -33,8 +48,9 @@ class ITMTask(RetrievalTask):
         if not hasattr(unwrap(model), "pretrain_losses"):
             raise VlkitError(f"task itm needs a model with pre-training losses (albef-*, blip-*, blip2-*, vlmo-*, "
                              f"vilt-*), not {type(unwrap(model)).__name__}")
+        groups = text_groups(batch["text"], self.dist.device)
         with autocast:
-            out = model(*self._inputs(batch, self.dist.device), head="pretrain")
+            out = model(*self._inputs(batch, self.dist.device), head="pretrain", group_ids=groups)
         self._backward(out.loss * self.cfg.weight * loss_scale, scaler)
         logs = {"loss": float(out.loss.detach())}
         for name in ("itc", "itm", "mlm", "lm", "mim", "itm_accuracy"):
