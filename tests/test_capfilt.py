@@ -113,6 +113,8 @@ def test_cli_refuses_before_loading_a_model(small, tmp_path):
         (["--num-synthetic", "3", "--beams", "2"], "needs at least as many --beams"),
         (["--split", "nosuch"], "nosuch"),
         (["--out", str(small)], "already exists"),
+        (["--decisions", str(small)], "already exists"),
+        (["--decisions", str(tmp_path / "nosuch" / "d.jsonl")], "no such folder"),
     ]
     for extra, message in cases:
         proc = run_cli("capfilt", tmp_path / "no-model", "--data", small, *extra)

@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N images of the split")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per step (default 32)")
-    p.add_argument("--dry-run", action="store_true", help="report what would be kept and dropped; write nothing")
+    p.add_argument("--dry-run", action="store_true", help="report what would be kept and dropped; write no dataset")
+    p.add_argument("--decisions", metavar="FILE.jsonl",
+                   help="also write every caption's decision, one JSON object per line (id, text, source, score, "
+                   "kept): the scores to choose a --threshold from (must not exist)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -56,6 +59,35 @@ def _check(args: argparse.Namespace) -> dict:
     return {"do_sample": True, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
 
 
+def _check_decisions(path: str | None):
+    """The decisions file as a Path, refused (before any work) if it exists or its folder does not."""
+    from pathlib import Path
+
+    from vlkit.errors import VlkitError
+
+    if path is None:
+        return None
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise VlkitError(f"{path}: already exists; --decisions writes a new file")
+    if not path.parent.is_dir():
+        raise VlkitError(f"{path.parent}: no such folder for --decisions")
+    return path
+
+
+def _write_decisions(path, result) -> None:
+    """One JSON line per caption, written beside and renamed into place."""
+    import os
+
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temp, "w", encoding="utf-8") as fh:
+        for image in result.images:
+            for t in image.texts:
+                fh.write(json.dumps({"id": image.id, "text": t.text, "source": t.source, "score": round(t.score, 6),
+                                     "kept": t.kept}) + "\n")
+    os.replace(temp, path)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``vlkit capfilt``."""
     from vlkit.data.capfilt_store import check_out, write_capfilt
@@ -66,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.search.loading import load_for_inference
 
     settings = _check(args)
+    decisions = _check_decisions(args.decisions)
     split = None if args.split == "all" else args.split
     ds = open_dataset(args.data)
     split_indices(ds, split)  # the split exists
@@ -83,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     summary = {"dataset": str(args.data), "split": args.split, **result.summary()}
+    if decisions is not None:
+        _write_decisions(decisions, result)
+        summary["decisions"] = str(decisions)
     if not args.dry_run:
         outcome = write_capfilt(args.data, result.decisions(), result.meta(), args.out)
         summary.update(written=str(outcome.path), version_before=outcome.version_before, version=outcome.version,
