@@ -345,3 +345,15 @@ def test_train_stage1_then_stage2_then_caption(synth, tmp_path, capsys):
     assert main(["caption", str(tmp_path / "s2"), str(image), "--json", "--max-new-tokens", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert isinstance(out["images"][0]["captions"][0]["caption"], str)
+
+
+def test_named_sizes():
+    from vlkit.models.registry import list_models
+
+    assert list_models("blip2*") == ["blip2-base", "blip2-lite0-minilm", "blip2-tiny"]
+    model = create_model("blip2-tiny")
+    c = model.config
+    assert (c.num_queries, c.width, c.layers, c.image_size, c.stage) == (8, 64, 2, 32, 1)
+    assert model.qformer.query_tokens.shape == (8, 64) and model.generation is None
+    with pytest.raises(VlkitError, match="language_model"):
+        create_model("blip2-tiny", stage=2)
