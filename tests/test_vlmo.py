@@ -15,7 +15,7 @@ from tests.conftest import run_cli
 from vlkit.data.text import build_word_tokenizer
 from vlkit.errors import VlkitError
 from vlkit.models.io import load_model, save_model
-from vlkit.models.vlmo.pretrain import patchify, random_patch_mask
+from vlkit.models.vlmo.pretrain import patchify, random_patch_mask, text_groups
 from vlkit.models.vlmo.weights import frozen_parameter_names
 from vlkit.modules.layers.multiway import MultiwayEncoderLayer, MultiwayMLP
 
@@ -155,6 +155,25 @@ def test_mim_target_and_mask():
     assert torch.equal(patches[1, 1].reshape(2, 2, 3), images[1, :, 0:2, 2:4].permute(1, 2, 0))  # patch (0, 1)
     m = random_patch_mask(5, 16, 0.4, torch.Generator().manual_seed(0))
     assert m.shape == (5, 16) and (m.sum(dim=1) == 6).all()
+
+
+def test_identical_captions_form_a_group(batch):
+    images, ids, mask = batch
+    ids, mask = ids.clone(), mask.clone()
+    ids[5], mask[5] = ids[2], mask[2]  # image 5 gets image 2's caption
+    ids[7, mask[7] == 0] = 9  # a different token under the padding changes nothing
+    ids[6], mask[6] = ids[7], mask[7]
+    groups = text_groups(ids, mask)
+    keys = [tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask)]  # the texts themselves
+    assert all((groups[i] == groups[j]) == (keys[i] == keys[j]) for i in range(8) for j in range(8))
+    assert groups[2] == groups[5] and groups[6] == groups[7] and len(set(groups.tolist())) == 6
+    model = make()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    derived = model.pretrain_losses(images, ids, mask, generator=g())
+    explicit = model.pretrain_losses(images, ids, mask, group_ids=groups, generator=g())
+    assert torch.equal(derived.loss, explicit.loss)
+    assert not torch.equal(derived.loss, model.pretrain_losses(images, ids, mask, group_ids=torch.arange(8),
+                                                               generator=g()).loss)
 
 
 @pytest.mark.parametrize("stage, fields, steps", [("image", ("mim",), 40), ("text", ("mlm",), 30),

@@ -9,7 +9,9 @@
 - ``image_text`` (stage 3): image-text contrastive learning between the image-only class token and the
   text-only [CLS] token (in-batch negatives); image-text matching in the fusion pass on the positives and on
   hard negatives drawn from the contrastive similarities (a text for each image and an image for each text);
-  masked language modelling in the fusion pass.
+  masked language modelling in the fusion pass. Without ``group_ids``, pairs whose captions are the same text
+  form a group: a caption word for word the image's own is a positive in ITC and never drawn as an ITM
+  negative (datasets with generic captions, "two coloured shapes", would otherwise teach ITM contradictions).
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ def mim_loss(predicted: Tensor, images: Tensor, patch_mask: Tensor, patch_size: 
     return (error * patch_mask).sum() / patch_mask.sum().clamp(min=1)
 
 
+def text_groups(input_ids: Tensor, mask: Tensor) -> Tensor:
+    """``[batch]`` group ids under which rows with the same text (same tokens where the mask is set) share a
+    group: a caption that is word for word the image's own is a positive, never a negative."""
+    keyed = torch.where(mask.bool(), input_ids, -1)  # padding never tells two texts apart
+    return torch.unique(keyed, dim=0, return_inverse=True)[1]
+
+
 def _word_weight(model) -> Tensor | None:
     return model.text_embed.word_embed.weight if model.config.tie_word_embeddings else None
 
@@ -110,6 +119,9 @@ def image_text_stage(model, images: Tensor, input_ids: Tensor, mask: Tensor, gro
     """Stage ``image_text``: ITC + ITM (hard negatives) + MLM; see the module docstring."""
     c = model.config
     batch, length = input_ids.shape
+    if group_ids is None:  # identical captions of different images are positives of each other
+        group_ids = text_groups(input_ids, mask)
+        group_ids = None if bool((group_ids == group_ids[0]).all()) else group_ids  # one text: nothing to draw
     image_embeds = model.embed_image(images)  # [batch, 1 + N, width]
     image_feat = F.normalize(model.vision_proj(
         model.encode_tokens(image_embeds, [("image", image_embeds.shape[1])])[:, 0]), dim=-1)  # [batch, embed_dim]
