@@ -231,6 +231,7 @@ def test_eval_rerank_end_to_end(albef_run, synth, capsys):
     out = json.loads(res.stdout)
     m = out["metrics"]
     assert out["rerank"] == 8 and out["rerank_pairs"] > 0 and "rerank_note" in out
+    assert out["rerank_score"] == "itm+itc"  # the default: BLIP's sum of the two scores
     # before re-ranking: the metrics of the contrastive embeddings alone
     loaded = load_for_inference(albef_run)
     emb = compute_embeddings(loaded, synth, "val")
@@ -241,8 +242,9 @@ def test_eval_rerank_end_to_end(albef_run, synth, capsys):
     # stay, so recall@10 is the same
     for key in ("t2i_r10", "i2t_r10"):
         assert m[f"val/synth/{key}"] == pytest.approx(m[f"val/synth/{key}_itc"])
-    # the re-ranked metrics are those of the model's own ITM scores on the top 8 (in process, the same weights)
-    done = rerank_embeddings(loaded, synth, "val", emb, 8)
+    # the re-ranked metrics are those of the model's own ITM scores plus the similarities on the top 8 (in
+    # process, the same weights)
+    done = rerank_embeddings(loaded, synth, "val", emb, 8, score="itm+itc")
     after = done.metrics(emb.image, emb.text, emb.caption_image).as_dict("val/synth/")
     assert all(m[key] == pytest.approx(value) for key, value in after.items())
     i, j = int(done.t2i[0, 0]), 0  # the first caption's best image after re-ranking, scored directly

@@ -39,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="retrieval: re-rank each query's top K candidates (by contrastive similarity) with the "
                    "model's image-text matching head (albef-*, blip-*, ...); the metrics are after re-ranking, "
                    "those before are kept as ..._itc")
-    p.add_argument("--rerank-score", choices=("itm", "itm+itc"), default="itm",
-                   help="with --rerank: order the top K by the ITM probability (default, as ALBEF) or by the ITM "
-                   "probability plus the contrastive similarity (as BLIP)")
+    p.add_argument("--rerank-score", choices=("itm", "itm+itc"), default="itm+itc",
+                   help="with --rerank: order the top K by the ITM probability plus the contrastive similarity "
+                   "mapped to [0, 1] (default, as BLIP), or by the ITM probability alone (itm, as ALBEF)")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
     p.add_argument("--beams", type=int, metavar="N",
                    help="captioning and generated VQA answers: beam search width; 1 is greedy (default: what the "

@@ -145,7 +145,7 @@ def _require_embeddings_or_matching(loaded, task: str, rerank: int | None) -> No
 
 
 def _evaluate_retrieval(loaded, dataset: Path, split: str, base: dict, prefix: str, common: dict,
-                        rerank: int | None, rerank_score: str = "itm") -> EvalResult:
+                        rerank: int | None, rerank_score: str = "itm+itc") -> EvalResult:
     """Recall@K both ways: by the contrastive embeddings, re-ranked by ITM (``rerank``), or, for a fusion-only
     model, by ITM over every image-caption pair."""
     from vlkit.inference.rerank import itm_retrieval, rerank_embeddings
@@ -275,7 +275,7 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
              train_split: str = "train", templates: Sequence[str] | None = None, batch_size: int = 64,
              limit: int | None = None, num_workers: int = 0, progress: bool = False,
              settings: dict[str, Any] | None = None, prompt: str | None = None, spice: bool = False,
-             rerank: int | None = None, rerank_score: str = "itm") -> EvalResult:
+             rerank: int | None = None, rerank_score: str = "itm+itc") -> EvalResult:
     """Evaluate a run, model directory or checkpoint on ``split`` of ``dataset``.
 
     Args:
