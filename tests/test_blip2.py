@@ -334,12 +334,13 @@ def test_train_stage1_then_stage2_then_caption(synth, tmp_path, capsys):
     assert saved["stage"] == 1 and (tmp_path / "s1" / "model" / "tokenizer.json").exists()
     stage2_cfg = tmp_path / "s2.yaml"
     stage2_cfg.write_text(
-        f"model: {{name: blip2-tiny, pretrained: {tmp_path / 's1' / 'model'}, args: {{stage: 2, language_model: bert, "
-        f"vocab_size: {saved['vocab_size']}}}}}\ntasks: [{{name: captioning, dataset: synth, eval_images: 4, "
+        f"model: {{name: blip2-tiny, pretrained: {tmp_path / 's1' / 'model'}, args: {{stage: 2, language_model: bert"
+        f"}}}}\ntasks: [{{name: captioning, dataset: synth, eval_images: 4, "
         f"max_new_tokens: 5}}]\n")
     assert main(["train", str(stage2_cfg), *common, "max_steps=2", f"output_dir={tmp_path / 's2'}"]) == 0
     model = load_model(tmp_path / "s2" / "model")
     assert model.config.stage == 2 and is_generative(model)
+    assert model.config.vocab_size == saved["vocab_size"]  # the stage-1 vocabulary, read from its saved config
     capsys.readouterr()
     image = sorted((synth.parent / "images").glob("*.png"))[0]
     assert main(["caption", str(tmp_path / "s2"), str(image), "--json", "--max-new-tokens", "5"]) == 0

@@ -87,6 +87,26 @@ def _word_vocab_ids(name: str) -> tuple[str, ...] | None:
     return None
 
 
+def _vocab_args_from(pretrained: str, name: str, args: dict) -> None:
+    """A word-vocabulary model started from a saved vlkit model (``model.pretrained``, e.g. an earlier stage)
+    keeps that model's vocabulary size, text length and token ids unless the config sets them."""
+    import json
+    from pathlib import Path
+
+    from vlkit.models.io import CONFIG_NAME
+
+    path = Path(pretrained)
+    path = path / "model" if (path / "model" / CONFIG_NAME).exists() else path
+    try:
+        saved = json.loads((path / CONFIG_NAME).read_text()).get("config", {})
+    except (OSError, ValueError):
+        return  # not a vlkit model directory: the family's loader reports it
+    length_arg, *ids = _word_vocab_ids(name)
+    for arg in (length_arg, "vocab_size", *ids):
+        if arg in saved and saved[arg] is not None:
+            args.setdefault(arg, saved[arg])
+
+
 def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
     """The model named by ``cfg.model`` and the tokenizer its texts go through.
 
@@ -110,6 +130,8 @@ def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
         args.setdefault("vocab_size", tokenizer.vocab_size)
         for arg in ids:
             args.setdefault(arg, tokenizer.tokenizer.token_to_id(TOKEN_OF_ARG[arg]))
+    elif _word_vocab_ids(cfg.model.name) is not None:
+        _vocab_args_from(cfg.model.pretrained, cfg.model.name, args)
     generative = cfg.model.name.startswith(GENERATIVE_PREFIXES)
     if any(t.name == "vqa" for t in cfg.tasks) and "answers" not in args and not generative:
         if not cfg.model.name.startswith(FUSION_PREFIXES):
