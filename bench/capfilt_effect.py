@@ -8,8 +8,11 @@ Protocol, all through the command line:
    another training image whose largest object differs (noise like mismatched web alt-text); validation and
    test captions stay clean; ingested with the same splits;
 3. ``vlkit train blip_synth`` on the noisy data (``--epochs``);
-4. ``vlkit capfilt RUN --data noisy --out filtered`` (``--threshold``): the share of corrupted captions dropped,
-   of true captions kept, the synthetic captions added and how many of those name the image's largest object;
+4. ``vlkit capfilt RUN --data noisy --dry-run --decisions FILE`` gives every caption's matching probability;
+   the threshold is their median over the original captions (read off the scores, no labels; ``--threshold``
+   gives one instead); then ``vlkit capfilt RUN --data noisy --out filtered --threshold T``: the share of
+   corrupted captions dropped, of true captions kept, the ranking quality of the scores (AUC of true over
+   corrupted captions), the synthetic captions added and how many of those name the image's largest object;
 5. ``vlkit train blip_synth`` again on the filtered data, and retrieval R@1 on the clean validation split of the
    models trained on noisy and on filtered captions.
 
@@ -82,7 +85,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--noise", type=float, default=0.3)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--threshold", type=float, help="default: the median score of the original captions")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", help="working folder (default: a temporary one)")
@@ -101,9 +104,17 @@ def main() -> None:
     train(noisy, work / "run-noisy", args.epochs, t)
     seconds["train_noisy"] = time.perf_counter() - start
     start = time.perf_counter()
+    decisions = work / "decisions.jsonl"
+    vlkit("capfilt", work / "run-noisy", "--data", noisy, "--dry-run", "--decisions", decisions, "--json", threads=t)
+    scored = [json.loads(line) for line in decisions.read_text().splitlines()]
+    original = sorted(r["score"] for r in scored if r["source"] == "original")
+    threshold = args.threshold if args.threshold is not None else original[len(original) // 2]
+    true_scores = [r["score"] for r in scored if r["source"] == "original" and (r["id"], r["text"]) not in corrupted]
+    bad_scores = [r["score"] for r in scored if (r["id"], r["text"]) in corrupted]
+    auc = sum((p > n) + 0.5 * (p == n) for p in true_scores for n in bad_scores) / max(1, len(true_scores) * len(bad_scores))
     filtered = work / "filtered.lance"
     summary = json.loads(vlkit("capfilt", work / "run-noisy", "--data", noisy, "--out", filtered, "--threshold",
-                               args.threshold, "--json", threads=t))
+                               f"{threshold:.6f}", "--json", threads=t))
     seconds["capfilt"] = time.perf_counter() - start
     import lance
 
@@ -133,7 +144,8 @@ def main() -> None:
     recall = {"noisy": retrieval(work / "run-noisy", clean, t), "filtered": retrieval(work / "run-filtered", clean, t)}
     pct = lambda a, b: round(100.0 * a / max(1, b), 1)  # noqa: E731
     result = {"bench": "capfilt_effect", "machine": machine_description(torch.device("cpu")) + f", {t} threads",
-              "n": args.n, "noise": args.noise, "epochs": args.epochs, "threshold": args.threshold, **stats,
+              "n": args.n, "noise": args.noise, "epochs": args.epochs, "threshold": round(threshold, 4),
+              "auc_true_over_corrupted": round(auc, 3), **stats,
               "corrupted_dropped_pct": pct(stats["corrupted_dropped"], stats["corrupted"]),
               "true_kept_pct": pct(stats["true_kept"], stats["true"]),
               "synthetic_naming_largest_pct": pct(stats["synthetic_naming_largest"], stats["synthetic_added"]),
@@ -142,6 +154,8 @@ def main() -> None:
     print(f"CapFilt on {args.n} synthetic images, {int(100 * args.noise)}% of training images with another image's "
           f"captions, BLIP-tiny trained {args.epochs} epochs; {result['machine']}\n")
     print("| figure | value |\n|---|---|")
+    print(f"| AUC: a true caption scores above a corrupted one | {result['auc_true_over_corrupted']} |")
+    print(f"| threshold (median score of the original captions) | {result['threshold']} |")
     print(f"| corrupted captions dropped | {result['corrupted_dropped_pct']}% of {stats['corrupted']} |")
     print(f"| true captions kept | {result['true_kept_pct']}% of {stats['true']} |")
     print(f"| synthetic captions added (naming the largest object) | {stats['synthetic_added']} "

@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ask",
         help="answer a question about an image (a model trained with a vqa task, or a generative model)",
         description="Print the top answers for IMAGE and QUESTION, with their probabilities. A fusion model "
-        "with an answer head (albef-*, vilt-*) ranks its answer vocabulary (softmax over it). A generative "
-        "model (coca-*, captioner-*) writes the answer after the prompt 'question: QUESTION answer:' by beam "
+        "with an answer head (albef-*, vlmo-*, vilt-*) ranks its answer vocabulary (softmax over it). A generative "
+        "model (coca-*, captioner-*, blip-*, blip2-* at stage 2) writes the answer after the prompt "
+        "'question: QUESTION answer:' by beam "
         "search with --top beams (greedy for --top 1); each answer's probability is the model's probability "
         "of its whole token sequence, end token included (exp of the summed log-probabilities, not normalised "
         "over the answers shown).",

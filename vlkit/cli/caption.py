@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``caption`` subcommand to ``sub``."""
     p = sub.add_parser(
         "caption",
-        help="write captions for images (a model with a text decoder: coca-*, captioner-*)",
+        help="write captions for images (a model with a text decoder: coca-*, captioner-*, blip-*, "
+        "blip2-* at stage 2)",
         description="Write captions for each IMAGE with a generative model: beam search (the default, "
         f"{DEFAULT_BEAMS} beams), greedy decoding (--beams 1) or sampling (--sample, with --temperature, "
         "--top-k, --top-p and --seed). Each caption is printed with its score: the log-probability of its "

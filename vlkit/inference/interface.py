@@ -69,7 +69,7 @@ def require_generative(model: nn.Module) -> nn.Module:
     inner = _unwrap(model)
     if not is_generative(inner):
         raise VlkitError(f"{type(inner).__name__} has no text decoder: captioning needs a generative model "
-                         "(coca-*, captioner-*)")
+                         "(coca-*, captioner-*, blip-*, blip2-* at stage 2)")
     return inner
 
 

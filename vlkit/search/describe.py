@@ -42,7 +42,8 @@ class Describer:
         loaded = self.loaded
         if not self.available:
             raise QueryError(f"the served model ({type(loaded.model).__name__}) cannot describe images: it has "
-                             "no text decoder; serve a generative model (coca-*, captioner-*)")
+                             "no text decoder; serve a generative model (coca-*, captioner-*, blip-*, blip2-* at "
+                             "stage 2)")
         return loaded
 
     def describe(self, data: bytes, n: int = 1) -> list[tuple[str, float]]:

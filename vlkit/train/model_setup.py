@@ -135,11 +135,12 @@ def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
     generative = cfg.model.name.startswith(GENERATIVE_PREFIXES)
     if any(t.name == "vqa" for t in cfg.tasks) and "answers" not in args and not generative:
         if not cfg.model.name.startswith(FUSION_PREFIXES):
-            raise VlkitError(f"task vqa needs a fusion model (albef-*, vilt-*) or a generative one (coca-*, "
+            raise VlkitError(f"task vqa needs a fusion model (albef-*, vlmo-*, vilt-*) or a generative one (coca-*, "
                              f"captioner-*), not {cfg.model.name}")
         args["answers"] = training_answers(cfg)
     if any(t.name == "captioning" for t in cfg.tasks) and not generative:
-        raise VlkitError(f"task captioning needs a model with a text decoder (coca-*, captioner-*), "
+        raise VlkitError(f"task captioning needs a model with a text decoder (coca-*, captioner-*, blip-*, "
+                         f"blip2-* at stage 2), "
                          f"not {cfg.model.name}")
     model = create_model(cfg.model.name, cfg.model.pretrained, **args)
     if tokenizer is None:
