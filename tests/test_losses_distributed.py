@@ -100,6 +100,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             queue.enqueue(torch.full((2, 2), float(10 * step + rank)))
         results["queue"] = queue.chronological()[:, 0]
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears down while the other still talks to it (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
