@@ -34,9 +34,11 @@ def parse_size(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ingest",
-        help="ingest image-text data (CSV, COCO JSON, JSONL, class folders, VQA) into a Lance dataset",
-        description="Read caption CSVs, COCO captions JSON, JSONL, class folders or VQA questions into one "
-        "Lance dataset. Several sources describing the same images are merged by image id. Ingesting into "
+        help="ingest image-text data (CSV, COCO JSON, JSONL, class folders, VQA, WebDataset tar shards, Parquet, "
+        "Hugging Face datasets) into a Lance dataset",
+        description="Read caption CSVs, COCO captions JSON, JSONL, class folders, VQA questions, WebDataset tar "
+        "shards (img2dataset; brace patterns such as 'shard-{00000..00099}.tar'), Parquet files or Hugging Face "
+        "datasets saved with save_to_disk into one Lance dataset. Several sources describing the same images are merged by image id. Ingesting into "
         "an existing dataset adds only images it does not hold yet.",
     )
     p.add_argument("sources", nargs="+", help="files or folders to read")
@@ -54,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or the source's folder when none is given; symlinks resolved)")
     p.add_argument("--max-image-bytes", type=parse_size, default=DEFAULT_MAX_IMAGE_BYTES, metavar="SIZE",
                    help="skip image files larger than this (bytes, or with K/M/G; default: 64M)")
+    p.add_argument("--image-column", help="parquet/hf: the image column (bytes, {bytes, path} struct or a path "
+                   "relative to --images-root; default: 'image', else 'jpg')")
+    p.add_argument("--text-column", help="parquet/hf: the caption column (default: 'caption', else 'text')")
+    p.add_argument("--id-column", help="parquet/hf: the id column (default: 'key', else 'id', else the row number)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -75,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         allow_outside_root=args.allow_outside_root,
         max_image_bytes=args.max_image_bytes,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        id_column=args.id_column,
     )
     print(report.summary())
     print(f"report: {report_path(Path(args.out))} (every ingest: {log_path(Path(args.out))})")

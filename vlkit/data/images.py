@@ -119,7 +119,15 @@ def read_image(path: Path, *, root: Path | None = None, max_bytes: int = DEFAULT
         ImageProblem: outside ``root``, missing, not a regular file, too large (bytes or pixels), empty, not an
             image, truncated or corrupt.
     """
-    data = read_bytes(path, max_bytes, root)
+    return check_image(read_bytes(path, max_bytes, root))
+
+
+def check_image(data: bytes) -> ImageInfo:
+    """Decode encoded image bytes once to prove they are whole (as :func:`read_image` does for a file).
+
+    Raises:
+        ImageProblem: too many pixels, empty, not an image, truncated or corrupt.
+    """
     if not data:
         raise ImageProblem("empty image file (0 bytes)")
     try:

@@ -55,12 +55,16 @@ def auto_fragment_rows(n: int) -> int:
 
 
 def collect_records(
-    sources: Sequence[Path], fmt: str, images_root: Path | None, problems: list[Problem]
+    sources: Sequence[Path], fmt: str, images_root: Path | None, problems: list[Problem],
+    columns: dict[str, str | None] | None = None,
 ) -> list[Record]:
-    """Read every source; records of the same image (same id) are merged into one."""
+    """Read every source; records of the same image (same id) are merged into one.
+
+    ``columns`` (``image_column``, ``text_column``, ``id_column``) go to the Parquet and HF dataset readers.
+    """
     merged: dict[str, Record] = {}
     for source in sources:
-        for rec in read_source(Path(source), fmt, images_root, problems):
+        for rec in read_source(Path(source), fmt, images_root, problems, **(columns or {})):
             if rec.id in merged:
                 merged[rec.id].merge(rec)
             else:
@@ -120,6 +124,9 @@ def ingest(
     progress: bool = True,
     allow_outside_root: bool = False,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    id_column: str | None = None,
 ) -> IngestReport:
     """Ingest image-text sources into the Lance dataset at ``out`` (created, or appended to).
 
@@ -137,6 +144,9 @@ def ingest(
         progress: show a progress bar.
         allow_outside_root: read images outside the images root (or the source's folder) too.
         max_image_bytes: the largest image file read; a larger one is a problem.
+        image_column: Parquet / HF dataset column holding the image (default: ``image``, else ``jpg``).
+        text_column: Parquet / HF dataset column holding the caption(s) (default: ``caption``, else ``text``).
+        id_column: Parquet column holding the id (default: ``key``, else ``id``, else the row number).
 
     Returns:
         The report, also written beside the dataset.
@@ -155,7 +165,8 @@ def ingest(
         raise DataError("--max-image-bytes must be at least 1")
     report = IngestReport(dataset=str(out), sources=[str(s) for s in sources],
                           started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    records = collect_records([Path(s) for s in sources], fmt, images_root, report.problems)
+    columns = dict(image_column=image_column, text_column=text_column, id_column=id_column)
+    records = collect_records([Path(s) for s in sources], fmt, images_root, report.problems, columns)
     report.records = len(records)
 
     def waiting() -> None:

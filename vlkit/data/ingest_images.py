@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from vlkit.data.images import DEFAULT_MAX_IMAGE_BYTES, ImageInfo, ImageProblem, read_bytes, read_image
+from vlkit.data.images import (DEFAULT_MAX_IMAGE_BYTES, ImageInfo, ImageProblem, check_image, read_bytes,
+                               read_image)
 from vlkit.data.records import Problem, Record
 
 KEEP_CHECKED_BYTES = 256 * 1024 * 1024
@@ -38,9 +39,14 @@ def _read(rec: Record, prior: ImageInfo | CheckedImage | None, confine: bool,
         return prior
     root = rec.root if confine else None
     try:
-        if prior is None:
+        if rec.image_data is not None:  # a source holding the bytes (tar shard, Parquet, HF dataset)
+            data = rec.image_data(max_bytes)
+            if prior is None:
+                return check_image(data)
+        elif prior is None:
             return read_image(rec.image_path, root=root, max_bytes=max_bytes)
-        data = read_bytes(rec.image_path, max_bytes, root)
+        else:
+            data = read_bytes(rec.image_path, max_bytes, root)
     except ImageProblem as exc:
         return exc
     if hashlib.sha256(data).digest() != prior.sha256:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -23,6 +23,10 @@ class Record:
         split: the split the source assigns, or None to derive it from the id.
         extra: any further fields of the source, stored as extra columns.
         root: the folder the image must lie in (the images root, or the source's folder), or None.
+        image_data: for sources that hold the encoded bytes themselves (tar shards, Parquet, Hugging Face
+            datasets): a function of the byte limit that returns them, raising
+            :class:`~vlkit.data.images.ImageProblem` when they are larger; ``image_path`` then only names
+            them in reports and the ``source`` column.
     """
 
     id: str
@@ -36,6 +40,7 @@ class Record:
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None
+    image_data: Callable[[int], bytes] | None = None
 
     def merge(self, other: "Record") -> None:
         """Fold another record of the same image (e.g. its VQA questions) into this one."""

@@ -14,7 +14,10 @@ from .coco import read_coco
 from .csv_captions import read_csv
 from .folder import read_folder
 from .jsonl import read_jsonl
+from .hf_dataset import is_hf_dataset, read_hf_dataset
+from .parquet import read_parquet
 from .vqa import read_vqa
+from .webdataset import expand_shards, is_shard_pattern, read_webdataset
 
 Reader = Callable[[Path, "Path | None", list[Problem]], Iterator[Record]]
 
@@ -24,8 +27,13 @@ READERS: dict[str, Reader] = {
     "jsonl": read_jsonl,
     "folder": read_folder,
     "vqa": read_vqa,
+    "webdataset": read_webdataset,
+    "parquet": read_parquet,
+    "hf": read_hf_dataset,
 }
 FORMATS = tuple(READERS)
+COLUMN_READERS = ("parquet", "hf")
+"""Readers that take the column options (``image_column``, ``text_column``, ``id_column``)."""
 
 
 def detect_format(path: Path) -> str:
@@ -34,11 +42,17 @@ def detect_format(path: Path) -> str:
     Raises:
         DataError: when the path does not exist or its format cannot be told.
     """
+    if "{" in path.name and is_shard_pattern(path):
+        return "webdataset"
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if path.is_dir():
-        return "folder"
+        return "hf" if is_hf_dataset(path) else "folder"
     suffix = path.suffix.lower()
+    if suffix == ".tar":
+        return "webdataset"
+    if suffix == ".parquet":
+        return "parquet"
     if suffix in (".csv", ".tsv", ".txt"):
         return "csv"
     if suffix in (".jsonl", ".ndjson"):
@@ -63,12 +77,27 @@ def detect_format(path: Path) -> str:
     raise DataError(f"{path}: unknown file type '{suffix}'; pass --format ({', '.join(FORMATS)})")
 
 
-def read_source(path: Path, fmt: str, images_root: Path | None, problems: list[Problem]) -> Iterator[Record]:
-    """Records of one source, read by the named reader (``auto`` detects it)."""
+def read_source(path: Path, fmt: str, images_root: Path | None, problems: list[Problem],
+                **columns: str | None) -> Iterator[Record]:
+    """Records of one source, read by the named reader (``auto`` detects it).
+
+    Args:
+        path: the source (for ``webdataset``, a brace pattern of shards is allowed).
+        fmt: reader name or ``auto``.
+        images_root: folder the source's image paths are relative to, or None.
+        problems: where skipped rows are reported.
+        **columns: ``image_column``, ``text_column``, ``id_column`` for the readers in
+            :data:`COLUMN_READERS` (ignored by the others).
+    """
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt not in READERS:
         raise DataError(f"unknown format '{fmt}'; choose one of: auto, {', '.join(FORMATS)}")
-    if not path.exists():
+    if fmt == "webdataset":
+        if not any(p.exists() for p in expand_shards(path)):
+            raise DataError(f"{path}: no such file or directory (no shard of the pattern exists)")
+    elif not path.exists():
         raise DataError(f"{path}: no such file or directory")
+    if fmt in COLUMN_READERS:
+        return READERS[fmt](path, images_root, problems, **{k: v for k, v in columns.items() if v})
     return READERS[fmt](path, images_root, problems)
