@@ -221,6 +221,15 @@ def test_hf_dataset_dict_splits_round_trip(tmp_path):
     assert again.rows_added == 0 and again.rows_existing == 3
 
 
+def test_hf_without_datasets_is_one_clear_error(tmp_path, monkeypatch):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "state.json").write_text("{}")
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(DataError, match=r"pip install 'vlkit\[hf\]'"):
+        ingest([folder], tmp_path / "o.lance", progress=False)
+
+
 def test_help_lists_new_formats():
     result = run_cli("ingest", "--help")
     for word in ("webdataset", "parquet", "hf", "--image-column", "--text-column", "--id-column"):
