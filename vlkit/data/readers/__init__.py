@@ -42,7 +42,7 @@ def detect_format(path: Path) -> str:
     Raises:
         DataError: when the path does not exist or its format cannot be told.
     """
-    if "{" in path.name and is_shard_pattern(path):
+    if "{" in str(path) and is_shard_pattern(path):
         return "webdataset"
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")

@@ -5,7 +5,8 @@ The image column (``--image-column``; default ``image``, else ``jpg``) holds eit
 present, else the path), or a path relative to the images root (``--images-root``, else the file's folder;
 kept inside it like the other readers' paths). The text column (``--text-column``; default ``caption``, else
 ``text``) holds a caption or a list of captions. The id comes from ``--id-column`` (default ``key``, else
-``id``), else from the row number as ``<file name>#<row>``. A ``split`` column is kept as the row's split;
+``id``), else from the image path relative to the images root for a path, or from the row number as
+``<file name>#<row>`` for bytes. A ``split`` column is kept as the row's split;
 other non-binary columns become extra columns.
 
 The file is read in record batches (:meth:`pyarrow.parquet.ParquetFile.iter_batches`), never whole; the
