@@ -137,8 +137,26 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: lis
         raise VlkitError(f"{name}: the {what} does not export to ONNX ({type(exc).__name__}: {first[:300]})") from None
 
 
-def _compare(session: Any, feeds: dict[str, Tensor], expected: Tensor) -> float:
-    out = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+def _check_axes(graph: Any, axes: dict[str, dict[int, str]], what: str, name: str) -> None:
+    """Raise unless every axis meant to be dynamic is symbolic in the ONNX graph's inputs (the exporter fixes
+    an axis the model's code makes constant, e.g. a text length tied to its position table)."""
+    dims = {i.name: list(i.type.tensor_type.shape.dim) for i in graph.graph.input}
+    for input_name, wanted in axes.items():
+        for axis, label in wanted.items():
+            dim = dims[input_name][axis]
+            if not dim.dim_param:
+                raise VlkitError(f"{name}: the {what} exports only with a fixed {label} ({input_name} axis {axis} "
+                                 f"is {dim.dim_value} in the ONNX graph, not dynamic)")
+
+
+def _compare(session: Any, feeds: dict[str, Tensor], expected: Tensor, what: str, name: str) -> float:
+    try:
+        out = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    except Exception as exc:  # onnxruntime's own error classes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        shape = "x".join(str(d) for d in next(iter(feeds.values())).shape)
+        raise VlkitError(f"{name}: the ONNX {what} does not run in onnxruntime on a {shape} batch "
+                         f"({first[:300]})") from None
     if out.shape != tuple(expected.shape):
         return float("inf")
     return float(abs(torch.from_numpy(out) - expected).max())
@@ -191,20 +209,25 @@ def export_onnx(loaded: Any, out: str | Path, opset: int = DEFAULT_OPSET, *, inp
         _export(TextEncoder(model), (text["input_ids"], text["attention_mask"]), tmp / TEXT_FILE,
                 ["input_ids", "attention_mask"], "text_embeds",
                 {"input_ids": text_axes, "attention_mask": text_axes}, opset, "text encoder", name)
-        for file in (IMAGE_FILE, TEXT_FILE):
-            written = {o.domain or "ai.onnx": o.version for o in onnx.load(str(tmp / file)).opset_import}
+        text_names = {0: "batch", 1: "length"} if length is not None else {0: "batch"}
+        for file, what, axes in [(IMAGE_FILE, "image encoder", {"pixels": {0: "batch"}}),
+                                 (TEXT_FILE, "text encoder", {"input_ids": text_names, "attention_mask": text_names})]:
+            graph = onnx.load(str(tmp / file))
+            written = {o.domain or "ai.onnx": o.version for o in graph.opset_import}
             if written.get("ai.onnx") != opset:
                 raise VlkitError(f"{name}: asked for opset {opset}, the exporter wrote {written.get('ai.onnx')}")
+            _check_axes(graph, axes, what, name)
         diffs = {"image": 0.0, "text": 0.0}
         image_session = ort.InferenceSession(str(tmp / IMAGE_FILE), providers=["CPUExecutionProvider"])
         text_session = ort.InferenceSession(str(tmp / TEXT_FILE), providers=["CPUExecutionProvider"])
         for n in CHECK_BATCHES:
             pixels = torch.randn(n, 3, size, size, generator=gen)
             diffs["image"] = max(diffs["image"], _compare(image_session, {"pixels": pixels},
-                                                          model.encode_image(pixels)))
+                                                          model.encode_image(pixels), "image encoder", name))
             for text_len in check_lens:
                 feeds = _text_batch(loaded.tokenizer, n, text_len, gen)
-                diffs["text"] = max(diffs["text"], _compare(text_session, feeds, model.encode_text(**feeds)))
+                diffs["text"] = max(diffs["text"], _compare(text_session, feeds, model.encode_text(**feeds),
+                                                                "text encoder", name))
         worst = max(diffs, key=diffs.get)
         if not diffs[worst] <= tolerance:
             raise VlkitError(f"{name}: the ONNX {worst} encoder differs from PyTorch by {diffs[worst]:.3g} "
