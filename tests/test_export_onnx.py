@@ -175,3 +175,27 @@ def test_brivl_two_tower_exports(tmp_path):
     got = _session(tmp_path / "onnx" / "image_encoder.onnx").run(None, {"pixels": pixels.numpy()})[0]
     with torch.no_grad():
         assert (torch.from_numpy(got) - model.encode_image(pixels)).abs().max() <= 1e-4
+
+
+def test_hf_format_writes_a_clip_model_transformers_loads(exported, tmp_path, capsys):
+    """--format hf: transformers' CLIPModel from the folder gives the same normalised embeddings."""
+    transformers = pytest.importorskip("transformers")
+    from vlkit.cli import main
+
+    root, model, tokenizer, _ = exported
+    assert main(["export", str(root / "model"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert "Hugging Face CLIPModel" in capsys.readouterr().out
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    feeds = tokenizer(CAPTIONS[:2])
+    with torch.no_grad():
+        image = hf.get_image_features(pixel_values=pixels)
+        text = hf.get_text_features(**feeds)
+        image = getattr(image, "pooler_output", image)
+        text = getattr(text, "pooler_output", text)
+        torch.testing.assert_close(torch.nn.functional.normalize(image, dim=-1), model.encode_image(pixels),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.nn.functional.normalize(text, dim=-1), model.encode_text(**feeds),
+                                   atol=1e-5, rtol=0)
+    assert main(["export", str(root / "model"), "--format", "hf", "--out", str(root / "onnx")]) == 2  # not a model folder
+    assert "holds a vlkit export" in capsys.readouterr().err

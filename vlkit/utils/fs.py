@@ -29,7 +29,7 @@ REPORT_GENERATOR = '<meta name="generator" content="vlkit eval">'
 # what a person calls each kind of output, in messages
 KIND_NAMES = {"index": "vlkit index", "report": "vlkit eval report", "run": "vlkit training run",
               "model": "vlkit model folder", "checkpoint": "vlkit checkpoint", "quickstart": "vlkit quickstart folder",
-              "synth": "vlkit synthetic dataset"}
+              "synth": "vlkit synthetic dataset", "export": "vlkit export"}
 
 # kinds whose own files identify them and whose folders are handed to other tools (transformers): no marker
 UNMARKED_KINDS = {"model"}
