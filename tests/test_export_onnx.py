@@ -199,3 +199,13 @@ def test_hf_format_writes_a_clip_model_transformers_loads(exported, tmp_path, ca
                                    atol=1e-5, rtol=0)
     assert main(["export", str(root / "model"), "--format", "hf", "--out", str(root / "onnx")]) == 2  # not a model folder
     assert "holds a vlkit export" in capsys.readouterr().err
+
+
+def test_missing_onnxruntime_is_one_line(monkeypatch):
+    import sys
+
+    from vlkit.export.onnx import require_onnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
+    with pytest.raises(VlkitError, match=r"onnxruntime is missing\): pip install 'vlkit\[onnx\]'"):
+        require_onnx()

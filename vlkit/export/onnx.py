@@ -210,13 +210,13 @@ def export_onnx(loaded: Any, out: str | Path, opset: int = DEFAULT_OPSET, *, inp
                 ["input_ids", "attention_mask"], "text_embeds",
                 {"input_ids": text_axes, "attention_mask": text_axes}, opset, "text encoder", name)
         text_names = {0: "batch", 1: "length"} if length is not None else {0: "batch"}
-        for file, what, axes in [(IMAGE_FILE, "image encoder", {"pixels": {0: "batch"}}),
+        for file, part, axes in [(IMAGE_FILE, "image encoder", {"pixels": {0: "batch"}}),
                                  (TEXT_FILE, "text encoder", {"input_ids": text_names, "attention_mask": text_names})]:
             graph = onnx.load(str(tmp / file))
             written = {o.domain or "ai.onnx": o.version for o in graph.opset_import}
             if written.get("ai.onnx") != opset:
                 raise VlkitError(f"{name}: asked for opset {opset}, the exporter wrote {written.get('ai.onnx')}")
-            _check_axes(graph, axes, what, name)
+            _check_axes(graph, axes, part, name)
         diffs = {"image": 0.0, "text": 0.0}
         image_session = ort.InferenceSession(str(tmp / IMAGE_FILE), providers=["CPUExecutionProvider"])
         text_session = ort.InferenceSession(str(tmp / TEXT_FILE), providers=["CPUExecutionProvider"])
