@@ -16,15 +16,15 @@ bytes of the images are held until the ingest writes them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import pyarrow as pa
-
-from vlkit.data.images import ImageProblem, format_bytes
 from vlkit.data.records import Problem, Record
 from vlkit.errors import DataError
 
 from .common import bad_text, confinement_root, image_id, images_root_for
+
+if TYPE_CHECKING:  # pyarrow and Pillow load when a Parquet file is read, not when the CLI's parser is built
+    import pyarrow as pa
 
 IMAGE_COLUMNS = ("image", "jpg")
 TEXT_COLUMNS = ("caption", "text")
@@ -36,6 +36,8 @@ def held_bytes(data: bytes) -> Callable[[int], bytes]:
     """An ``image_data`` function for bytes already in memory: refuses them past the byte limit."""
 
     def read(max_bytes: int) -> bytes:
+        from vlkit.data.images import ImageProblem, format_bytes
+
         if len(data) > max_bytes:
             raise ImageProblem(f"image is larger than the limit of {format_bytes(max_bytes)} "
                                "(raise it with --max-image-bytes)")
@@ -71,6 +73,8 @@ def choose_columns(schema: pa.Schema, where: str, image_column: str | None, text
 
 def extra_columns(schema: pa.Schema, used: set[str]) -> list[str]:
     """Columns kept as extras: all but the used ones, ``split`` and binary ones (e.g. other images)."""
+    import pyarrow as pa
+
     return [f.name for f in schema if f.name not in used and f.name != "split"
             and not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
 
@@ -119,6 +123,7 @@ def row_record(row: dict[str, Any], row_no: int, columns: tuple[str, str, str | 
 def read_parquet(path: Path, images_root: Path | None, problems: list[Problem], *, image_column: str | None = None,
                  text_column: str | None = None, id_column: str | None = None) -> Iterator[Record]:
     """Records of one Parquet file, read in batches of :data:`BATCH_ROWS` rows."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:

@@ -25,7 +25,6 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from vlkit.data.images import ImageProblem, format_bytes
 from vlkit.data.records import Problem, Record
 
 from .common import bad_text
@@ -64,6 +63,8 @@ def _member_reader(shard: Path, member: tarfile.TarInfo) -> Callable[[int], byte
     offset, size = member.offset_data, member.size
 
     def read(max_bytes: int) -> bytes:
+        from vlkit.data.images import ImageProblem, format_bytes
+
         if size > max_bytes:
             raise ImageProblem(f"image member is larger than the limit of {format_bytes(max_bytes)} "
                                "(raise it with --max-image-bytes)")
@@ -82,6 +83,8 @@ def _member_reader(shard: Path, member: tarfile.TarInfo) -> Callable[[int], byte
 
 def _read_text(fh, member: tarfile.TarInfo) -> tuple[str | None, str | None]:
     """(text, None) or (None, reason) for a ``.txt``/``.json`` member."""
+    from vlkit.data.images import format_bytes
+
     if member.size > MAX_TEXT_BYTES:
         return None, f"{member.name}: larger than {format_bytes(MAX_TEXT_BYTES)}"
     fh.seek(member.offset_data)
