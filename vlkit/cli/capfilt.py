@@ -76,7 +76,7 @@ def _check_decisions(path: str | None):
 
 
 def _write_decisions(path, result) -> None:
-    """One JSON line per caption, written beside and renamed into place."""
+    """One JSON line per caption, written beside and linked into place (an existing file is never replaced)."""
     import os
 
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -85,7 +85,13 @@ def _write_decisions(path, result) -> None:
             for t in image.texts:
                 fh.write(json.dumps({"id": image.id, "text": t.text, "source": t.source, "score": round(t.score, 6),
                                      "kept": t.kept}) + "\n")
-    os.replace(temp, path)
+    try:
+        os.link(temp, path)  # unlike a rename, never replaces a file that appeared meanwhile
+    except FileExistsError:
+        from vlkit.errors import VlkitError
+
+        raise VlkitError(f"{path}: appeared while CapFilt ran; the decisions are left at {temp}") from None
+    os.unlink(temp)
 
 
 def run(args: argparse.Namespace) -> int:
