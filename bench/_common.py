@@ -11,8 +11,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,20 @@ def machine_description(device: torch.device) -> str:
         name = torch.cuda.get_device_name(device)
         return f"{name}, CUDA {torch.version.cuda}, {os.cpu_count()} CPU cores, {software}"
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, {software}"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_vlkit(*args, threads: int, timeout: float = 3600) -> str:
+    """Run ``python -m vlkit ARGS`` in the checkout with ``threads`` torch threads; its stdout, or a RuntimeError
+    ending with its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    res = subprocess.run([sys.executable, "-m", "vlkit", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"vlkit {' '.join(map(str, args[:2]))} failed: {res.stderr.strip()[-800:]}")
+    return res.stdout
 
 
 def last_json_line(text: str) -> dict[str, Any] | None:

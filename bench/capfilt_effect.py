@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,19 +33,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_description  # noqa: E402
+from _common import machine_description, run_vlkit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def vlkit(*args, threads: int, timeout: float = 7200) -> str:
-    """``python -m vlkit ARGS``'s stdout, or a RuntimeError with its stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    res = subprocess.run([sys.executable, "-m", "vlkit", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"vlkit {' '.join(map(str, args[:2]))} failed: {res.stderr.strip()[-800:]}")
-    return res.stdout
+    """``python -m vlkit ARGS``'s stdout (see :func:`_common.run_vlkit`)."""
+    return run_vlkit(*args, threads=threads, timeout=timeout)
 
 
 def noisy_copy(clean_jsonl: Path, clean_lance: Path, out_jsonl: Path, fraction: float, seed: int) -> set[tuple[str, str]]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,21 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_description  # noqa: E402
+from _common import machine_description, run_vlkit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "rsum")
 LABELS = {"t2i_r1": "T->I R@1", "t2i_r5": "T->I R@5", "i2t_r1": "I->T R@1", "i2t_r5": "I->T R@5", "rsum": "R-sum"}
 
 
-def vlkit(*args: str, threads: int, timeout: float = 3600) -> str:
-    """Run ``python -m vlkit ARGS`` with ``threads`` torch threads; its stdout, or a RuntimeError with stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    res = subprocess.run([sys.executable, "-m", "vlkit", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"vlkit {' '.join(map(str, args[:2]))} failed: {res.stderr.strip()[-600:]}")
-    return res.stdout
+def vlkit(*args, threads: int, timeout: float = 3600) -> str:
+    """``python -m vlkit ARGS``'s stdout (see :func:`_common.run_vlkit`)."""
+    return run_vlkit(*args, threads=threads, timeout=timeout)
 
 
 def prepare(work: Path, data: str | None, run: str | None, epochs: int, threads: int) -> tuple[Path, Path, dict]:
