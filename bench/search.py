@@ -2,7 +2,7 @@
 
 1. Embedding throughput: the quickstart model (BriVL-style, EfficientNet-Lite0 + all-MiniLM-L6-v2) embeds the
    CIFAR-10 test images (``../shared/data/cifar10-test``, ingested as a class-folder dataset) through
-   :func:`vlkit.search.embed.compute_embeddings` (decode, resize, forward): images/s.
+   :func:`vlkit.inference.embed.compute_embeddings` (decode, resize, forward): images/s.
 2. Search: those real image embeddings form the 10k table; larger tables (100k, optionally 1M) add vectors
    that are random convex mixtures of two real embeddings plus small noise, renormalised, so the set keeps the
    clustered structure of real embeddings (uniform random vectors are a misleading worst case). 200 queries
@@ -39,8 +39,8 @@ def real_embeddings(data: Path, work: Path, limit: int) -> tuple[np.ndarray, flo
     from vlkit.data.ingest import ingest
     from vlkit.models.io import load_tokenizer
     from vlkit.models.registry import create_model
-    from vlkit.search.embed import compute_embeddings
-    from vlkit.search.loading import LoadedModel
+    from vlkit.inference.embed import compute_embeddings
+    from vlkit.inference.loading import LoadedModel
 
     dataset = work / "cifar.lance"
     ingest([data], dataset, progress=False, val_fraction=0.0, test_fraction=0.0)

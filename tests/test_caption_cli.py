@@ -91,7 +91,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(tiny):
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     return load_for_inference(tiny["model"])
 

@@ -39,7 +39,7 @@ def _named(caption: str, class_name: str) -> bool:
 def test_coca_synth_captions_name_shapes_and_colours(coca_run, synth):
     from vlkit.data.dataset import LanceImageTextDataset
     from vlkit.inference.captions import write_captions
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     run, metrics = coca_run
     assert metrics["val/synth/cider"] > 50  # CIDEr on the validation split, evaluated during training

@@ -25,7 +25,7 @@ from vlkit.data.store import DamagedDataset
 from vlkit.data.transforms import ImageTransform
 from vlkit.errors import VlkitError
 from vlkit.eval.thumbnails import split_thumbnails
-from vlkit.search.embed import IMAGE_COLUMN, TEXT_COLUMN, Embeddings, read_embeddings, write_embeddings
+from vlkit.inference.embed import IMAGE_COLUMN, TEXT_COLUMN, Embeddings, read_embeddings, write_embeddings
 
 BIG = (300, 200)  # 60 000 pixels: decodes under a limit of 100 000, refused under 50 000
 
@@ -186,7 +186,7 @@ def test_write_embeddings_takes_the_write_lock_and_retries_a_lost_race(tmp_path,
 
     from vlkit.data.store import write_lock
     from vlkit.errors import DataError
-    from vlkit.search import embed
+    from vlkit.inference import embed
 
     path = write_rows(tmp_path / "r.lance", {f"{i}.jpg": jpeg_bytes(size=(16, 16)) for i in range(3)})
     emb = Embeddings(ids=["0.jpg", "1.jpg"], image=torch.ones(2, 4), text=torch.ones(1, 4),

@@ -122,7 +122,7 @@ def _by_hand_image_embeddings(model, dataset, split):
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     return load_for_inference(trained_run[0])
 
@@ -137,7 +137,7 @@ def _html_pngs(report):
 
 
 def test_retrieval_cli_matches_metrics_on_embeddings_by_hand(trained_run, synth, loaded, tmp_path):
-    from vlkit.search.embed import compute_embeddings
+    from vlkit.inference.embed import compute_embeddings
 
     run_dir, _ = trained_run
     report = tmp_path / "report"
@@ -272,7 +272,7 @@ def test_zeroshot_limit_reports_the_classes_it_saw(trained_run, synth, tmp_path,
 def test_linear_probe_cli_beats_majority_and_matches_sklearn(trained_run, synth, loaded):
     from sklearn.linear_model import LogisticRegression
 
-    from vlkit.search.embed import compute_embeddings
+    from vlkit.inference.embed import compute_embeddings
 
     proc = run_cli("eval", trained_run[0], "--task", "linear-probe", "--data", synth, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]

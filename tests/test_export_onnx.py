@@ -130,7 +130,7 @@ def test_bad_run_path_is_one_line(tmp_path):
 def test_a_failed_check_leaves_the_earlier_export_as_it_was(exported, tmp_path):
     """An export whose outputs miss the tolerance (here a negative one) raises and replaces nothing."""
     from vlkit.export.onnx import export_onnx
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     root = exported[0]
     earlier = tmp_path / "earlier"
@@ -144,7 +144,7 @@ def test_a_failed_check_leaves_the_earlier_export_as_it_was(exported, tmp_path):
 
 def test_a_model_without_encoders_is_one_clear_error(tmp_path):
     from vlkit.export.onnx import export_onnx
-    from vlkit.search.loading import LoadedModel
+    from vlkit.inference.loading import LoadedModel
 
     class NoText(torch.nn.Module):
         architecture = "toy"
@@ -163,7 +163,7 @@ def test_brivl_two_tower_exports(tmp_path):
     compares onnxruntime with PyTorch, and a re-run here compares again on other inputs."""
     from vlkit.export.onnx import export_onnx
     from vlkit.models.io import load_tokenizer
-    from vlkit.search.loading import LoadedModel
+    from vlkit.inference.loading import LoadedModel
 
     torch.manual_seed(0)
     model = vlkit.create_model("brivl-tiny").eval()

@@ -17,7 +17,7 @@ from vlkit.cli import main
 from vlkit.cli.quickstart import _run_folder
 from vlkit.errors import VlkitError
 from vlkit.search.index import build_index, read_index_info
-from vlkit.search.loading import load_for_inference
+from vlkit.inference.loading import load_for_inference
 from vlkit.utils.fs import (MARKER_NAME, atomic_directory, check_output_dir, check_output_file, output_kind,
                             remove_temporaries, write_marker)
 

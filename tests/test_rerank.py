@@ -17,8 +17,8 @@ from vlkit.inference.rerank import Reranked, order_by_itm, rerank_embeddings, to
 from vlkit.inference.rerank_ranks import DotScores, ranks_from_scores
 from vlkit.metrics.retrieval import retrieval_metrics, retrieval_ranks
 from vlkit.models.io import save_model
-from vlkit.search.embed import compute_embeddings
-from vlkit.search.loading import LoadedModel, load_for_inference
+from vlkit.inference.embed import compute_embeddings
+from vlkit.inference.loading import LoadedModel, load_for_inference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,10 +12,10 @@ import torch
 
 from tests.conftest import run_cli
 from vlkit.errors import VlkitError
-from vlkit.search import embed as embed_mod
-from vlkit.search.embed import IMAGE_COLUMN, TEXT_COLUMN, compute_embeddings, read_embeddings, write_embeddings
+from vlkit.inference import embed as embed_mod
+from vlkit.inference.embed import IMAGE_COLUMN, TEXT_COLUMN, compute_embeddings, read_embeddings, write_embeddings
 from vlkit.search.index import build_index, read_index_info
-from vlkit.search.loading import load_for_inference
+from vlkit.inference.loading import load_for_inference
 from vlkit.search.searcher import QueryError, Searcher
 
 

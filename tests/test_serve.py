@@ -22,7 +22,7 @@ from PIL import Image
 from vlkit.cli import main
 from vlkit.data.store import open_dataset
 from vlkit.search.index import build_index
-from vlkit.search.loading import load_for_inference
+from vlkit.inference.loading import load_for_inference
 from vlkit.search.searcher import MAX_IMAGE_BYTES, Searcher
 from vlkit.search.server import create_app
 

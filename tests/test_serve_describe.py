@@ -16,7 +16,7 @@ from vlkit.inference.captions import write_captions
 from vlkit.search.describe import describe_settings
 from vlkit.search.http_guard import bounded_protocol
 from vlkit.search.index import build_index
-from vlkit.search.loading import load_for_inference
+from vlkit.inference.loading import load_for_inference
 from vlkit.search.searcher import MAX_IMAGE_BYTES, Searcher
 from vlkit.search.server import create_app
 

@@ -19,7 +19,7 @@ from vlkit.data.decode import DEFAULT_MAX_PIXELS, max_pixels, set_max_pixels
 from vlkit.data.store import open_dataset, split_indices
 from vlkit.search.http_guard import allowed_hosts_for, bounded_protocol
 from vlkit.search.index import build_index
-from vlkit.search.loading import load_for_inference
+from vlkit.inference.loading import load_for_inference
 from vlkit.search.searcher import QueryImageTooLarge, Searcher
 from vlkit.search.server import create_app
 

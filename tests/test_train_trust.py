@@ -9,7 +9,7 @@ import torch
 
 from vlkit.config.load import load_config
 from vlkit.errors import VlkitError
-from vlkit.tasks.retrieval import unwrap
+from vlkit.train.distributed import unwrap
 from vlkit.train.trainer import Trainer
 
 RATES = {"image": 1e-4, "text": 3e-4, "head": 2e-3}

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vlkit.errors import VlkitError
     from vlkit.inference.interface import is_generative
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
     from vlkit.search.searcher import decode_image
     from vlkit.tasks.vqa import model_answers
 

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.inference.capfilt import capfilt
     from vlkit.inference.interface import require_generative
     from vlkit.inference.matching import require_matching
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     settings = _check(args)
     decisions = _check_decisions(args.decisions)

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.errors import VlkitError
     from vlkit.inference.captions import write_captions
     from vlkit.inference.interface import require_generative
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     settings = settings_of(args)
     images = read_images(args.images)

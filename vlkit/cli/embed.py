@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vlkit embed``."""
-    from vlkit.search.embed import compute_embeddings, require_embeddings, write_embeddings
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.embed import compute_embeddings, require_embeddings, write_embeddings
+    from vlkit.inference.loading import load_for_inference
 
     loaded = load_for_inference(args.run)
     require_embeddings(loaded.model, "vlkit embed")

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise VlkitError(f"--opset {args.opset}: torch's ONNX exporter writes opset {MIN_OPSET} or later")
     check_output_dir(args.out, EXPORT_KIND, inputs=[args.run], what="--out")  # before loading anything
     require_onnx()
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     loaded = load_for_inference(args.run)
     report = export_onnx(loaded, args.out, args.opset, inputs=[args.run], what="--out")
@@ -54,7 +54,7 @@ def _run_hf(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, "model", inputs=[args.run], what="--out")  # before loading anything
     from vlkit.models.clip.convert import export_hf
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     loaded = load_for_inference(args.run)
     arch = getattr(loaded.model, "architecture", type(loaded.model).__name__)

@@ -35,9 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vlkit index``."""
-    from vlkit.search.embed import require_embeddings
+    from vlkit.inference.embed import require_embeddings
     from vlkit.search.index import build_index
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
     from vlkit.utils.fs import check_output_dir
 
     check_output_dir(args.out, "index", inputs=[args.data, args.run], what="--out")  # before any work

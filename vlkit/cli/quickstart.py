@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.data.sheet import contact_sheet
     from vlkit.data.store import dataset_info
     from vlkit.search.index import build_index
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
     from vlkit.search.searcher import Searcher
     from vlkit.train.plots import plot_run
     from vlkit.train.runlog import check_new_run_dir
@@ -171,7 +171,7 @@ def _caption_image(run_dir: Path, dataset: Path, image_id: str) -> str:
 
     from vlkit.data.store import open_dataset
     from vlkit.inference.captions import write_captions
-    from vlkit.search.loading import load_for_inference
+    from vlkit.inference.loading import load_for_inference
 
     loaded = load_for_inference(run_dir)
     ds = open_dataset(dataset)

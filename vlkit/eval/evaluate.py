@@ -21,8 +21,8 @@ from vlkit.data.store import open_dataset, split_indices
 from vlkit.errors import DataError, VlkitError
 from vlkit.metrics.classification import ClassificationMetrics
 from vlkit.metrics.retrieval import RetrievalMetrics, retrieval_metrics
-from vlkit.search.embed import Embeddings, compute_embeddings
-from vlkit.search.loading import load_for_inference
+from vlkit.inference.embed import Embeddings, compute_embeddings
+from vlkit.inference.loading import load_for_inference
 from vlkit.tasks.labels import classes_present, require_labels
 
 TASKS = ("retrieval", "zeroshot", "linear-probe", "vqa", "captioning")
@@ -132,7 +132,7 @@ def _require_embeddings_or_matching(loaded, task: str, rerank: int | None) -> No
     """Refuse, before any image is read, a model that cannot do ``task`` for want of embeddings or a matching
     head (a fusion-only model such as ViLT has no image embeddings; re-ranking needs an ITM head)."""
     from vlkit.inference.matching import require_matching
-    from vlkit.search.embed import can_embed, require_embeddings
+    from vlkit.inference.embed import can_embed, require_embeddings
 
     if task in ("zeroshot", "linear-probe"):
         require_embeddings(loaded.model, f"--task {task}")
@@ -149,7 +149,7 @@ def _evaluate_retrieval(loaded, dataset: Path, split: str, base: dict, prefix: s
     """Recall@K both ways: by the contrastive embeddings, re-ranked by ITM (``rerank``), or, for a fusion-only
     model, by ITM over every image-caption pair."""
     from vlkit.inference.rerank import itm_retrieval, rerank_embeddings
-    from vlkit.search.embed import can_embed
+    from vlkit.inference.embed import can_embed
 
     if not can_embed(loaded.model):
         itm = itm_retrieval(loaded, dataset, split, limit=common["limit"], batch_size=common["batch_size"],

@@ -32,7 +32,7 @@ def thumbnail(data: bytes, size: int = 160) -> np.ndarray:
 def split_thumbnails(dataset: str | Path, split: str | None, positions: Sequence[int],
                      size: int = 160) -> list[np.ndarray]:
     """Thumbnails of the images at ``positions`` of ``split`` (positions in the split's dataset order, as in
-    :class:`vlkit.search.embed.Embeddings`).
+    :class:`vlkit.inference.embed.Embeddings`).
 
     Raises:
         RowError: an image does not decode or is over the pixel limit (naming its row id), or a data file

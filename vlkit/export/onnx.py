@@ -167,7 +167,7 @@ def export_onnx(loaded: Any, out: str | Path, opset: int = DEFAULT_OPSET, *, inp
     """Export ``loaded``'s image and text encoders to ONNX files in ``out``, checked with onnxruntime.
 
     Args:
-        loaded: a :class:`~vlkit.search.loading.LoadedModel` whose model has ``encode_image``/``encode_text``.
+        loaded: a :class:`~vlkit.inference.loading.LoadedModel` whose model has ``encode_image``/``encode_text``.
         out: the folder to write: new, empty or an earlier vlkit export (replaced whole).
         opset: the ONNX opset (at least :data:`MIN_OPSET`).
         inputs: paths the command read (never written over).

@@ -160,7 +160,7 @@ def capfilt(loaded, dataset: str | Path, split: str | None = "train", *, thresho
     """Caption and filter the images of ``split`` of ``dataset`` (nothing is written).
 
     Args:
-        loaded: a :class:`~vlkit.search.loading.LoadedModel` whose model writes captions and has a matching head
+        loaded: a :class:`~vlkit.inference.loading.LoadedModel` whose model writes captions and has a matching head
             (a BLIP).
         dataset: a vlkit Lance dataset.
         split: the split to bootstrap (None: every row).

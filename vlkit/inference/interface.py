@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from vlkit.errors import VlkitError
 from vlkit.modules.layers.decoder_cache import DecoderCache
+from vlkit.train.distributed import unwrap as _unwrap
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,3 @@ def require_generative(model: nn.Module) -> nn.Module:
         raise VlkitError(f"{type(inner).__name__} has no text decoder: captioning needs a generative model "
                          "(coca-*, captioner-*, blip-*, blip2-* at stage 2)")
     return inner
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / FSDP / compile wrapper."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model

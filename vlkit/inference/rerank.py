@@ -189,10 +189,10 @@ def rerank_embeddings(loaded, dataset: str | Path, split: str | None, emb, k: in
     """Re-rank both directions' top ``k`` candidates of the embeddings ``emb`` of ``split`` with the ITM head.
 
     Args:
-        loaded: the model (a :class:`~vlkit.search.loading.LoadedModel`) with a matching head.
+        loaded: the model (a :class:`~vlkit.inference.loading.LoadedModel`) with a matching head.
         dataset: the dataset ``emb`` was computed from.
         split: its split.
-        emb: the split's :class:`~vlkit.search.embed.Embeddings` (with captions).
+        emb: the split's :class:`~vlkit.inference.embed.Embeddings` (with captions).
         k: candidates re-scored per query.
         batch_size: images per image-encoder pass.
         pair_batch: pairs per fusion pass.

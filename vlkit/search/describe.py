@@ -7,7 +7,7 @@ from typing import Callable
 
 from vlkit.data.decode import ImageDecodeError
 from vlkit.errors import VlkitError
-from vlkit.search.loading import LoadedModel
+from vlkit.inference.loading import LoadedModel
 from vlkit.search.searcher import QueryError
 
 MAX_DESCRIPTIONS = 5
@@ -19,7 +19,7 @@ class Describer:
     """Captions for uploaded images, by a generative model (see :mod:`vlkit.inference.interface`).
 
     Args:
-        source: the model: a :class:`~vlkit.search.loading.LoadedModel`, or a callable returning the current one
+        source: the model: a :class:`~vlkit.inference.loading.LoadedModel`, or a callable returning the current one
             (the searcher's, which changes when the index is rebuilt with another model).
     """
 

@@ -31,8 +31,8 @@ from vlkit.data.decode import ImageDecodeError, decode_rgb
 from vlkit.data.store import open_dataset, split_indices
 from vlkit.errors import VlkitError
 from vlkit.models.io import save_model
-from vlkit.search.embed import IMAGE_COLUMN, TEXT_COLUMN, Embeddings, compute_embeddings, read_embeddings
-from vlkit.search.loading import LoadedModel
+from vlkit.inference.embed import IMAGE_COLUMN, TEXT_COLUMN, Embeddings, compute_embeddings, read_embeddings
+from vlkit.inference.loading import LoadedModel
 from vlkit.utils.fs import atomic_directory, check_output_dir
 
 INDEX_META = "index.json"

@@ -24,7 +24,7 @@ from PIL import Image
 from vlkit.data.decode import ImageDecodeError, ImageTooLarge, decode_rgb, open_image
 from vlkit.errors import VlkitError
 from vlkit.search.index import CAPTIONS_TABLE, IMAGES_TABLE, INDEX_META, IndexInfo, read_index_info
-from vlkit.search.loading import LoadedModel, load_for_inference
+from vlkit.inference.loading import LoadedModel, load_for_inference
 
 MAX_K = 100
 MAX_QUERY_CHARS = 1000

@@ -48,7 +48,7 @@ from vlkit.errors import VlkitError
 from vlkit.data.decode import max_pixels
 from vlkit.search.describe import MAX_DESCRIPTIONS, Describer
 from vlkit.search.http_guard import LOOPBACK_HOSTS, AllowedHosts
-from vlkit.search.loading import LoadedModel
+from vlkit.inference.loading import LoadedModel
 from vlkit.search.searcher import (MAX_IMAGE_BYTES, MAX_K, IndexUnavailable, QueryError, QueryImageTooLarge,
                                    Searcher, check_image, check_k)
 

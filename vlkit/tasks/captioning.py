@@ -26,7 +26,8 @@ from vlkit.modules.losses.captioning import IGNORE_INDEX, caption_labels, captio
 from vlkit.modules.losses.distributed import distributed_contrastive_loss
 from vlkit.tasks import register_task
 from vlkit.tasks.base import Task
-from vlkit.tasks.retrieval import _no_sync, unwrap
+from vlkit.tasks.retrieval import _no_sync
+from vlkit.train.distributed import unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 

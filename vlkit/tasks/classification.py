@@ -22,7 +22,7 @@ from vlkit.metrics.classification import classification_metrics
 from vlkit.tasks import register_task
 from vlkit.tasks.labels import dataset_classes, require_labels
 from vlkit.tasks.base import Task
-from vlkit.tasks.retrieval import unwrap
+from vlkit.train.distributed import unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 

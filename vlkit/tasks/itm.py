@@ -20,7 +20,8 @@ from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.errors import VlkitError
 from vlkit.tasks import register_task
-from vlkit.tasks.retrieval import RetrievalTask, unwrap
+from vlkit.tasks.retrieval import RetrievalTask
+from vlkit.train.distributed import unwrap
 from vlkit.train.distributed import all_gather_objects
 
 

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from vlkit.errors import DataError, VlkitError
 from vlkit.metrics.classification import ClassificationMetrics, classification_metrics
-from vlkit.search.embed import Embeddings, compute_embeddings
-from vlkit.search.loading import LoadedModel
+from vlkit.inference.embed import Embeddings, compute_embeddings
+from vlkit.inference.loading import LoadedModel
 from vlkit.tasks.labels import dataset_classes, require_labels
 
 #: Inverse regularisation strengths tried, weakest regularisation last. The embeddings have unit norm, so
@@ -142,7 +142,7 @@ def evaluate_linear_probe(loaded: LoadedModel, dataset: str | Path, split: str =
     """Fit a logistic-regression probe on ``train_split``'s image embeddings and score it on ``split``.
 
     Args:
-        loaded: the model (see :func:`vlkit.search.loading.load_for_inference`).
+        loaded: the model (see :func:`vlkit.inference.loading.load_for_inference`).
         dataset: a vlkit Lance dataset with ``label``.
         split: the split to evaluate on.
         train_split: the split to fit on (must differ from ``split``).

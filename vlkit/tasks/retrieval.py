@@ -23,14 +23,7 @@ from vlkit.modules.losses.distributed import distributed_contrastive_loss, gathe
 from vlkit.modules.losses.siglip import SiglipLoss
 from vlkit.tasks import register_task
 from vlkit.tasks.base import Task
-from vlkit.train.distributed import DistInfo, all_gather_objects
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / compile wrapper."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
+from vlkit.train.distributed import DistInfo, all_gather_objects, unwrap
 
 
 def _slice_batch(batch: dict[str, Any], start: int, end: int) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from vlkit.metrics.vqa import vqa_metrics
 from vlkit.modules.losses.captioning import caption_loss
 from vlkit.tasks import register_task
 from vlkit.tasks.base import Task
-from vlkit.tasks.retrieval import _no_sync, unwrap
+from vlkit.tasks.retrieval import _no_sync
+from vlkit.train.distributed import unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
 QA_COLUMNS = ["questions", "answers"]

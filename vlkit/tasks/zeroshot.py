@@ -19,8 +19,8 @@ from torch import Tensor
 
 from vlkit.errors import DataError, VlkitError
 from vlkit.metrics.classification import ClassificationMetrics, classification_metrics
-from vlkit.search.embed import Embeddings, compute_embeddings
-from vlkit.search.loading import LoadedModel
+from vlkit.inference.embed import Embeddings, compute_embeddings
+from vlkit.inference.loading import LoadedModel
 from vlkit.tasks.labels import dataset_classes, require_labels
 
 #: Built-in prompt templates; ``{}`` is replaced by the class name.
@@ -143,7 +143,7 @@ def evaluate_zeroshot(loaded: LoadedModel, dataset: str | Path, split: str = "te
     """Zero-shot classification accuracy of ``loaded`` on the labelled ``split`` of ``dataset``.
 
     Args:
-        loaded: the model (see :func:`vlkit.search.loading.load_for_inference`).
+        loaded: the model (see :func:`vlkit.inference.loading.load_for_inference`).
         dataset: a vlkit Lance dataset with ``label`` and class names.
         split: the split to classify.
         templates: prompt templates (default :data:`DEFAULT_TEMPLATES`).

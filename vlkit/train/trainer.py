@@ -22,7 +22,7 @@ from vlkit.errors import VlkitError
 from vlkit.models.io import save_model
 from vlkit.tasks import build_task
 from vlkit.tasks.preflight import check_datasets
-from vlkit.tasks.retrieval import unwrap
+from vlkit.train.distributed import unwrap
 from vlkit.train import distributed as D
 from vlkit.train.checkpoint import (check_resume_target, open_resume_checkpoint, remove_partial_checkpoints,
                                     rng_states, save_checkpoint, set_rng_states)

@@ -23,7 +23,7 @@ from vlkit.data.columns import replace_columns
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.store import open_dataset, retry_on_conflict, write_lock
 from vlkit.errors import DataError
-from vlkit.search.loading import LoadedModel
+from vlkit.inference.loading import LoadedModel
 
 IMAGE_COLUMN = "image_embedding"
 TEXT_COLUMN = "caption_embeddings"
@@ -79,11 +79,12 @@ def require_embeddings(model, what: str) -> None:
 @torch.no_grad()
 def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | None = None, *,
                        batch_size: int = 64, captions: bool = True, columns: Sequence[str] = (),
-                       num_workers: int = 0, progress: bool = False, limit: int | None = None) -> Embeddings:
+                       num_workers: int = 0, progress: bool = False, limit: int | None = None,
+                       rows: Sequence[int] | None = None) -> Embeddings:
     """Embed every image (and caption) of ``split`` of ``dataset`` (``None``: every row).
 
     Args:
-        loaded: the model (see :func:`vlkit.search.loading.load_for_inference`).
+        loaded: the model (see :func:`vlkit.inference.loading.load_for_inference`).
         dataset: a vlkit Lance dataset.
         split: the split to embed.
         batch_size: images per forward pass.
@@ -92,6 +93,8 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
         num_workers: DataLoader worker processes for decoding.
         progress: show a progress bar.
         limit: embed only the first ``limit`` rows of the split.
+        rows: embed only these positions of the split, in this order (a worker's share; ``limit`` then
+            applies to them).
 
     Raises:
         DataError: the split has no rows.
@@ -104,8 +107,14 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
                                columns=columns)
     if len(ds) == 0:
         raise DataError(f"{dataset}: split {split!r} has no rows" if split else f"{dataset}: no rows")
-    indices = range(len(ds) if limit is None else min(limit, len(ds)))
-    loader = make_loader(ds, batch_size, list(indices), num_workers=num_workers)
+    indices = list(range(len(ds))) if rows is None else [int(i) for i in rows]
+    if any(i < 0 or i >= len(ds) for i in indices):
+        raise DataError(f"{dataset}: row positions outside the {len(ds)} rows of split {split!r}")
+    if limit is not None:
+        indices = indices[:limit]
+    if not indices:
+        raise DataError(f"{dataset}: no rows to embed")
+    loader = make_loader(ds, batch_size, indices, num_workers=num_workers)
     if progress:
         from tqdm import tqdm
 
