@@ -37,7 +37,7 @@ from vlkit.data.text import TextTokenizer
 from vlkit.data.transforms import ImageError, ImageTransform, mentions_side
 from vlkit.errors import DataError
 
-CaptionMode = Literal["random", "first", "all", "none"]
+CaptionMode = Literal["random", "first", "longest", "all", "none"]
 
 
 class LanceImageTextDataset(torch.utils.data.Dataset):
@@ -48,7 +48,8 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         split: the split to read (``None``: every row).
         transform: decodes and augments images; ``None`` gives the raw encoded bytes.
         tokenizer: if given, batches carry ``input_ids`` and ``attention_mask``.
-        captions: ``random`` (one caption per image, a new draw every epoch: training), ``first``, ``all``
+        captions: ``random`` (one caption per image, a new draw every epoch: training), ``first``, ``longest``
+            (the caption with the most characters, the first of equally long ones), ``all``
             (every caption, flattened, with ``caption_image`` mapping each to its image: evaluation) or
             ``none``.
         seed: seed of the per-sample random choices.
@@ -73,8 +74,8 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         columns: Sequence[str] = (),
         require: Sequence[str] = (),
     ):
-        if captions not in ("random", "first", "all", "none"):
-            raise DataError(f"captions must be random, first, all or none, not '{captions}'")
+        if captions not in ("random", "first", "longest", "all", "none"):
+            raise DataError(f"captions must be random, first, longest, all or none, not '{captions}'")
         self.path = str(path)
         self.split = split
         self.transform = transform
@@ -167,8 +168,8 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
             if self.captions == "random" and caps:
                 texts.append(caps[rng.randrange(len(caps))])
                 allow_flip = not mentions_side(texts[-1])
-            elif self.captions == "first" and caps:
-                texts.append(caps[0])
+            elif self.captions in ("first", "longest") and caps:
+                texts.append(caps[0] if self.captions == "first" else max(caps, key=len))  # max keeps the first tie
                 allow_flip = not mentions_side(texts[-1])
             elif self.captions == "all":
                 texts.extend(caps)

@@ -195,8 +195,11 @@ class TextTokenizer:
 def build_word_tokenizer(texts: Iterable[str], max_length: int = 32) -> TextTokenizer:
     """Train a word-level tokenizer on some texts, for tiny models on synthetic captions.
 
-    Words are lowercased and split at whitespace and punctuation; every word seen becomes
-    a token. Ids 0-4 are ``[PAD]``, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``; words never seen map
+    Words are lowercased and split at whitespace and punctuation, and every CJK ideograph is a
+    word of its own (Chinese is written without spaces), as BERT's basic tokenizer splits text:
+    the ideographs of the Unicode CJK Unified Ideographs blocks (and their extensions and
+    compatibility blocks); Hangul and kana stay whole words. Every word seen becomes a token
+    (accents are kept). Ids 0-4 are ``[PAD]``, ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``; words never seen map
     to ``[UNK]`` and each text is wrapped as ``[CLS] ... [SEP]``.
 
     Args:
@@ -207,7 +210,9 @@ def build_word_tokenizer(texts: Iterable[str], max_length: int = 32) -> TextToke
         The trained tokenizer, wrapped.
     """
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
+    # lowercase, and a space either side of every CJK ideograph, so the split below makes each one a word
+    tok.normalizer = normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False,
+                                                lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
