@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from vlkit.config.imports import import_plugins
 from vlkit.config.overrides import apply_override, parse_overrides, split_overrides
 from vlkit.config.schema import TrainConfig
 from vlkit.config.typeinfo import MISSING, ConfigError, plain
@@ -55,14 +56,19 @@ CHOICES: dict[str, set[str]] = {
     "device": {"auto", "cpu", "cuda"},
     "tasks.*.name": {"retrieval", "captioning", "vqa", "itm", "classification"},
     "sampling.strategy": {"all", "round_robin", "proportional", "fixed", "temperature"},
-    "tasks.*.loss": {"contrastive", "siglip", "momentum", "caption", "coca"},
     "model.lock.tower": {"image", "text"},
     "nonfinite": {"stop", "skip"},
+    "optim.name": {"adamw", "sgd", "adafactor", "lamb"},
+    "optim.schedule": {"cosine", "linear", "polynomial", "constant", "step", "inverse_sqrt"},
+    "early_stop.mode": {"max", "min"},
 }
 """Allowed values of enumerated string fields, keyed by a dotted path pattern.
 
 ``*`` in a pattern matches one path segment: a list index (``tasks.*.loss``) or a mapping
-key (``datasets.*.train_split``). Extend it with :func:`register_choice`.
+key (``datasets.*.train_split``). Extend it with :func:`register_choice` (``register_task``,
+``register_optimizer`` and ``register_schedule`` do). The losses of ``tasks.*.loss`` and the metrics of
+``tasks.*.metrics`` are read from their registries (:mod:`vlkit.modules.losses.registry`,
+:mod:`vlkit.metrics.registry`) when a config is validated.
 """
 
 
@@ -104,7 +110,9 @@ def validate_config(data: Mapping[str, Any], schema: type = TrainConfig) -> tupl
         ``(config, problems)``: the built config (meaningful only when ``problems`` is empty)
         and one ``"key.path: what is wrong"`` line per problem.
     """
-    return validate(data, schema, CHOICES)
+    from vlkit.modules.losses.registry import loss_names
+
+    return validate(data, schema, {**CHOICES, "tasks.*.loss": loss_names()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +139,12 @@ def load_config(
     Returns:
         An instance of ``schema``.
 
+    The modules the config's ``imports`` key names are imported (after the overrides, before the validation;
+    see :mod:`vlkit.config.imports`).
+
     Raises:
-        VlkitError: when the file is missing or is not valid YAML (naming the file and line).
+        VlkitError: when the file is missing or is not valid YAML (naming the file and line), or a module of
+            ``imports`` fails to import (naming the key and the module).
         ConfigError: listing every problem of the overrides and the config at once, one
             ``key.path: what is wrong`` line each.
 
@@ -146,6 +158,8 @@ def load_config(
         problem = apply_override(data, key, value, schema)
         if problem is not None:
             problems.append(f"{problem} (in override {item!r})")
+    if not problems:  # plug-ins register their names before the config is checked
+        import_plugins(data, Path(path).parent if path is not None else None, source)
     cfg, more = validate_config(data, schema)
     problems.extend(more)
     if problems:

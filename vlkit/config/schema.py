@@ -132,6 +132,8 @@ class TaskConfig:
     min_new_tokens: int = ranged(1, **NON_NEGATIVE)  # the end token is not allowed before this many tokens
     no_repeat_ngram_size: int = ranged(0, **NON_NEGATIVE)  # > 0: no n-gram of this size twice in a caption
     eval_images: Optional[int] = ranged(None, **POSITIVE_INT)  # caption only the first N validation images
+    # registered metrics added to the task's evaluation (vlkit.metrics.registry), e.g. [my_metric]
+    metrics: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -146,25 +148,50 @@ class SamplingConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with parameter groups, warmup then cosine decay, gradient clipping."""
+    """The optimizer over parameter groups, the learning-rate schedule after a warmup, gradient clipping."""
 
+    name: str = "adamw"  # adamw | sgd | adafactor | lamb, or one a plug-in registers (vlkit.train.optimizers)
     # rates > 0: a tower that should not train is locked (model.lock), which also spares its gradients
     lr_image: float = ranged(1e-4, **POSITIVE, note="e.g. 1e-4; model.lock freezes a tower")
     lr_text: float = ranged(1e-5, **POSITIVE, note="e.g. 1e-5; model.lock freezes a tower")
     lr_head: float = ranged(1e-3, **POSITIVE, note="e.g. 1e-3")
     weight_decay: float = ranged(0.1, **NON_NEGATIVE)
-    betas: tuple[float, float] = ranged((0.9, 0.98), lo=0, hi=1, hi_open=True)
-    eps: float = ranged(1e-6, **POSITIVE)
+    betas: tuple[float, float] = ranged((0.9, 0.98), lo=0, hi=1, hi_open=True)  # adamw, lamb
+    eps: float = ranged(1e-6, **POSITIVE)  # adamw, lamb
+    momentum: float = ranged(0.9, lo=0, hi=1, hi_open=True)  # sgd
+    nesterov: bool = False  # sgd (needs momentum > 0)
+    # adafactor: the second-moment decay at step t is 1 - t ** beta2_decay
+    beta2_decay: float = ranged(-0.8, lo=-1, hi=0, hi_open=True, note="e.g. -0.8")
+    # cosine | linear | polynomial | constant | step | inverse_sqrt, or one a plug-in registers
+    # (vlkit.train.schedules); every schedule starts with warmup_steps of linear warmup
+    schedule: str = "cosine"
     warmup_steps: int = ranged(100, **NON_NEGATIVE)
-    min_lr_ratio: float = ranged(0.0, lo=0, hi=1)  # the final rate as a fraction of the peak
+    min_lr_ratio: float = ranged(0.0, lo=0, hi=1)  # cosine, linear, polynomial: the final rate as a fraction of the peak
+    power: float = ranged(1.0, **POSITIVE)  # polynomial: the exponent of the decay
+    step_every: Optional[int] = ranged(None, **POSITIVE_INT)  # step: steps between two decays (required)
+    gamma: float = ranged(0.1, lo=0, hi=1, lo_open=True)  # step: the factor of each decay
+    timescale: Optional[int] = ranged(None, **POSITIVE_INT)  # inverse_sqrt: null means warmup_steps
     grad_clip: Optional[float] = ranged(1.0, **POSITIVE)  # null: no clipping
-    fused: bool = False
+    fused: bool = False  # adamw, sgd: one fused kernel (GPU)
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop the run when a validation metric has not improved for ``patience`` evaluations in a row."""
+
+    metric: str = "???"  # e.g. val/synth/rsum (the task's dataset key after val/)
+    patience: int = ranged(3, **POSITIVE_INT)  # evaluations without improvement before the run stops
+    mode: str = "max"  # max: higher is better | min
+    min_delta: float = ranged(0.0, **NON_NEGATIVE)  # an improvement is a change by more than this
 
 
 @dataclass
 class TrainConfig:
     """Everything a run needs. ``???`` marks a required value."""
 
+    # modules imported before the config is validated (plug-ins that register tasks, losses, metrics, models,
+    # optimizers, schedules); found on sys.path, then in the config file's folder
+    imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     tasks: list[TaskConfig] = field(default_factory=list)
@@ -188,6 +215,7 @@ class TrainConfig:
     keep_last: int = ranged(2, **POSITIVE_INT)  # step checkpoints kept (the best one besides)
     best_metric: Optional[str] = None  # e.g. "val/data/t2i_r1"; the best checkpoint is kept
     resume: Optional[str] = None  # "latest" or a checkpoint directory
+    early_stop: Optional[EarlyStopConfig] = None  # e.g. {metric: val/data/rsum, patience: 3}
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True

@@ -19,6 +19,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from vlkit.config.optim_checks import early_stop_checks, optim_checks
 from vlkit.config.schema import Range, TrainConfig
 from vlkit.config.typeinfo import (MISSING, describe, field_default, fields, got, hints, is_dataclass_type,
                                    is_union, join, plain, strip_optional, suggest)
@@ -200,8 +201,6 @@ def _sampling_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[s
                         f"remove it or set sampling.strategy=temperature")
 
 
-#: the losses each task reads (None: the task's default)
-TASK_LOSSES = {"retrieval": {"contrastive", "siglip", "momentum"}, "captioning": {"caption", "coca"}}
 #: task keys only some tasks read
 GENERATION_KEYS = ("label_smoothing", "num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size",
                    "eval_images")
@@ -209,14 +208,33 @@ GENERATIVE_TASKS = ("captioning", "vqa")
 
 
 def _task_checks(cfg: TrainConfig, problems: list[str]) -> None:
-    """A loss the task does not have, and captioning keys set on a task that would not read them."""
+    """A loss or metric the task does not have (the registries say which), a loss the model cannot train with,
+    and captioning keys set on a task that would not read them."""
+    from vlkit.metrics.registry import metric_names
+    from vlkit.modules.losses.registry import get_loss, loss_names, model_problem
+
+    model_name = cfg.model.name if ok(cfg.model) and ok(cfg.model.name) else None
     for i, task in enumerate(cfg.tasks):
-        if not ok(task) or not ok(task.name) or not ok(task.loss):
+        if not ok(task) or not ok(task.name):
             continue
-        allowed = TASK_LOSSES.get(task.name, set())
+        if ok(task.metrics):
+            known = metric_names(task.name)
+            for j, metric in enumerate(task.metrics):
+                if ok(metric) and metric not in known:
+                    listed = ", ".join(sorted(known)) or "none registered"
+                    problems.append(f"tasks.{i}.metrics.{j}: task {task.name} has no metric {metric!r} ({listed}); "
+                                    f"register it with vlkit.metrics.registry.register_metric in a module of imports")
+        if not ok(task.loss):
+            continue
+        allowed = loss_names(task.name)
         if task.loss is not None and task.loss not in allowed:
             what = f"one of {', '.join(sorted(allowed))}" if allowed else "left out (it has one loss)"
             problems.append(f"tasks.{i}.loss: task {task.name} has no loss {task.loss!r}; it must be {what}")
+        elif task.loss is not None and model_name is not None:
+            why = model_problem(get_loss(task.name, task.loss), model_name)
+            if why:
+                problems.append(f"tasks.{i}.loss: task {task.name} cannot train model {model_name!r} with loss "
+                                f"{task.loss!r}: {why}")
         if task.name in GENERATIVE_TASKS:
             continue
         defaults = fields(type(task))
@@ -232,6 +250,10 @@ def cross_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[str])
     if ok(cfg.batch_size, cfg.grad_accum) and cfg.batch_size % cfg.grad_accum:
         problems.append(f"batch_size: {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
     _sampling_checks(cfg, data, problems)
+    if ok(cfg.optim):
+        optim_checks(cfg.optim, problems)
+    if ok(cfg.early_stop) and cfg.early_stop is not None and ok(cfg.tasks):
+        early_stop_checks(cfg, problems)
     if not ok(cfg.tasks):
         return
     if not cfg.tasks:

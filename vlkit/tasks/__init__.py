@@ -8,8 +8,12 @@ TASKS: dict[str, type] = {}
 
 
 def register_task(name: str):
+    """Decorator registering a task class under ``name`` (then ``tasks: [{name: NAME}]`` in a config chooses it)."""
+    from vlkit.config.load import register_choice
+
     def wrap(cls):
         TASKS[name] = cls
+        register_choice("tasks.*.name", name)
         return cls
 
     return wrap

@@ -18,8 +18,10 @@ from vlkit.config.schema import DatasetConfig, TaskConfig
 from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.errors import VlkitError
+from vlkit.metrics.registry import compute_metrics
 from vlkit.metrics.retrieval import retrieval_metrics
 from vlkit.modules.losses.distributed import distributed_contrastive_loss, gather_with_grad
+from vlkit.modules.losses.registry import get_loss
 from vlkit.modules.losses.siglip import SiglipLoss
 from vlkit.tasks import register_task
 from vlkit.tasks.base import Task
@@ -41,6 +43,8 @@ class RetrievalTask(Task):
                  seed: int = 0, augment: bool = True):
         super().__init__(key, cfg, data, tokenizer, preprocess, dist, seed, augment)
         self.siglip = SiglipLoss() if cfg.loss == "siglip" else None
+        # a plug-in loss (vlkit.modules.losses.registry): fn(image_embeds, text_embeds, scale) over the whole batch
+        self.loss_fn = get_loss("retrieval", cfg.loss).fn if cfg.loss is not None else None
 
     # ------------------------------------------------------------------ data
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
@@ -54,6 +58,9 @@ class RetrievalTask(Task):
         if self.cfg.loss == "siglip":
             img, txt = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
             return self.siglip(img, txt).loss
+        if self.loss_fn is not None:
+            out = self.loss_fn(gather_with_grad(image_embeds), gather_with_grad(text_embeds), unwrap(model).scale())
+            return getattr(out, "loss", out)
         scale = unwrap(model).scale()
         return distributed_contrastive_loss(image_embeds, text_embeds, scale, local_loss=self.cfg.local_loss).loss
 
@@ -145,7 +152,11 @@ class RetrievalTask(Task):
         text_embeds = torch.cat([merged[k][1] for k in order])
         owner = torch.cat([torch.full((len(merged[k][1]),), n) for n, k in enumerate(order)])
         metrics = retrieval_metrics(image_embeds, text_embeds, owner)
-        return {f"val/{self.key}/{name}": float(v) for name, v in metrics.as_dict().items()}
+        out = {f"val/{self.key}/{name}": float(v) for name, v in metrics.as_dict().items()}
+        if self.cfg.metrics:  # registered metrics (vlkit.metrics.registry) over the same predictions
+            predictions = {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_image": owner}
+            out.update(compute_metrics("retrieval", self.cfg.metrics, predictions, f"val/{self.key}/"))
+        return out
 
     def state(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict() if self.sampler is not None else None}

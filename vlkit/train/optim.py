@@ -1,15 +1,20 @@
-"""AdamW with parameter groups (image tower, text tower, heads; no decay on norms, biases, embeddings and
-the temperature) and a warmup + cosine learning-rate schedule."""
+"""Parameter groups (image tower, text tower, heads; no decay on norms, biases, embeddings and the
+temperature), the optimizer ``optim.name`` chooses over them (:mod:`vlkit.train.optimizers`) and the
+learning-rate schedule ``optim.schedule`` chooses (:mod:`vlkit.train.schedules`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from vlkit.config.schema import OptimConfig
+from vlkit.train.optimizers import create_optimizer
+from vlkit.train.schedules import build_scheduler, lr_factor
+
+__all__ = ["build_optimizer", "build_scheduler", "group_lrs", "lr_factor", "lr_group", "param_groups",
+           "uses_weight_decay"]
 
 NO_DECAY_WORDS = ("embed", "logit_scale", "logit_bias", "class_embedding", "queries")
 LR_GROUP_NAMES = ("image", "text", "head")
@@ -46,7 +51,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig, heads: Iterable[nn.Module] 
         heads: further modules whose parameters are heads, e.g. the trainer's tasks.
 
     Returns:
-        AdamW parameter groups; each carries ``group`` (``image``/``text``/``head``) and the parameter ``names``
+        Optimizer parameter groups; each carries ``group`` (``image``/``text``/``head``) and the parameter ``names``
         (``tasks.<i>.`` before a head's parameter name).
     """
     lrs = {"image": cfg.lr_image, "text": cfg.lr_text, "head": cfg.lr_head}
@@ -71,13 +76,17 @@ def param_groups(model: nn.Module, cfg: OptimConfig, heads: Iterable[nn.Module] 
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, heads: Iterable[nn.Module] = ()) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` of ``model`` and ``heads``, each group at its own learning rate."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, heads: Iterable[nn.Module] = ()) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` (AdamW by default) over :func:`param_groups` of ``model`` and ``heads``, each
+    group at its own learning rate.
+
+    Raises:
+        VlkitError: an unknown optimizer, or one that refuses its settings.
+    """
     groups = param_groups(model, cfg, heads)
     for g in groups:
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=cfg.lr_head, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=cfg.fused or None)
+    return create_optimizer(groups, cfg)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -87,20 +96,3 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         if g["params"]:
             out.setdefault(g.get("group", "head"), float(g["lr"]))
     return out
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """Warmup then cosine decay of every group's rate, each from its own ``initial_lr``."""
-    warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total_steps, cfg.min_lr_ratio))

@@ -1,5 +1,6 @@
-"""The training loop: tasks over datasets, AdamW with parameter groups, mixed precision, gradient
-accumulation, EMA, evaluation, checkpoints with exact resume, DDP or FSDP2 under torchrun."""
+"""The training loop: tasks over datasets, the chosen optimizer and schedule over parameter groups, mixed
+precision, gradient accumulation, EMA, evaluation, early stopping, checkpoints with exact resume, DDP or FSDP2
+under torchrun."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from vlkit.train.distributed import unwrap
 from vlkit.train import distributed as D
 from vlkit.train.checkpoint import (check_resume_target, open_resume_checkpoint, remove_partial_checkpoints,
                                     rng_states, save_checkpoint, set_rng_states)
+from vlkit.train.early_stop import EarlyStopping
 from vlkit.train.mfu import measure_step_flops, step_mfu
 from vlkit.train.model_setup import build_model_and_tokenizer
 from vlkit.train.nonfinite import non_finite, nonfinite_error
@@ -42,6 +45,25 @@ def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+
+
+def check_task_losses(cfg: TrainConfig, model: nn.Module) -> None:
+    """Every task's loss can train the built model (the momentum loss needs the model's feature queues);
+    checked before any work or writing.
+
+    Raises:
+        VlkitError: naming the task's ``loss`` key, the model and what it lacks.
+    """
+    from vlkit.modules.losses.registry import check_model, get_loss
+
+    for i, task in enumerate(cfg.tasks):
+        try:
+            spec = get_loss(task.name, task.loss) if task.loss is not None else None
+        except KeyError:
+            continue
+        why = check_model(spec, unwrap(model), cfg.model.name) if spec is not None else None
+        if why:
+            raise VlkitError(f"tasks.{i}.loss: task {task.name}: {why}")
 
 
 def seed_everything(seed: int) -> None:
@@ -149,6 +171,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model, self.tokenizer = build_model_and_tokenizer(cfg, self.dist)
         self.model.to(self.dist.device)
+        check_task_losses(cfg, self.model)
         # FLOPs of a step per sample, counted once on the bare model (before checkpointing and wrappers)
         self.flops_per_sample = measure_step_flops(self.model, cfg, self.dist.device)
         self.peak_flops = peak_flops(self.dist.device, cfg.peak_flops)
@@ -199,6 +222,7 @@ class Trainer:
         self.epoch = self.step_in_epoch = self.global_step = 0
         self._task_iters: dict[int, Any] = {}
         self.best: float | None = None
+        self.early_stop = EarlyStopping(cfg.early_stop) if cfg.early_stop is not None else None
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient norm (nonfinite=skip)
         self.last_eval: dict[str, float] = {}
         self.log = RunLog(self.run_dir, cfg.tensorboard) if self.dist.is_main else None
@@ -234,6 +258,8 @@ class Trainer:
                          "task_epoch": list(self.task_epoch), "task_batch": list(self.task_batch)},
             "task_sampler": self.task_sampler.state_dict() if self.task_sampler is not None else None,
             "best": self.best, "skipped_steps": self.skipped_steps, "fingerprint": model_fingerprint(self.cfg),
+            "optimizer_name": self.cfg.optim.name,
+            "early_stop": self.early_stop.state_dict() if self.early_stop is not None else None,
             "world_size": self.dist.world_size, "batch_size": self.cfg.batch_size,
         }
 
@@ -251,6 +277,10 @@ class Trainer:
         if state["batch_size"] != self.cfg.batch_size:
             raise VlkitError(f"{path}: checkpoint was trained with batch_size {state['batch_size']}, "
                              f"config has {self.cfg.batch_size}; resuming would not continue the same run")
+        saved_optimizer = state.get("optimizer_name", "adamw")
+        if saved_optimizer != self.cfg.optim.name:
+            raise VlkitError(f"{path}: checkpoint was trained with optimizer {saved_optimizer}, config has "
+                             f"optim.name={self.cfg.optim.name}; resuming would not continue the same run")
         try:
             load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"], self.cfg, self.dist)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -269,6 +299,8 @@ class Trainer:
         if self.task_sampler is not None and state.get("task_sampler") is not None:
             self.task_sampler.load_state_dict(state["task_sampler"])
         self.best = state["best"]
+        if self.early_stop is not None:
+            self.early_stop.load_state_dict(state.get("early_stop"))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_states(state["rng"])
         if self.log is not None:
@@ -371,10 +403,17 @@ class Trainer:
         self.last_eval = metrics
         return metrics
 
+    @property
+    def stopped_early(self) -> bool:
+        """Whether early stopping ended the run."""
+        return self.early_stop is not None and self.early_stop.stopped
+
     def _after_eval(self, metrics: dict[str, float]) -> bool:
-        """Log evaluation metrics; True when the chosen metric improved."""
+        """Log evaluation metrics and count them for early stopping; True when the chosen metric improved."""
         if self.log is not None and metrics:
             self.log.log(self.global_step, metrics)
+        if self.early_stop is not None and self.early_stop.update(metrics, self.global_step) and self.dist.is_main:
+            print(f"vlkit: {self.early_stop.message(self.global_step)}", file=sys.stderr)
         key = self.cfg.best_metric
         if key is None or key not in metrics:
             return False
@@ -390,7 +429,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", disable=not show,
                    dynamic_ncols=True, unit="step")
         seen, started = 0, time.perf_counter()
-        while self.global_step < self.total_steps:
+        while self.global_step < self.total_steps and not self.stopped_early:
             if self.task_sampler is None:
                 for task in self.tasks:
                     task.set_epoch(self.epoch, self.step_in_epoch * self.per_rank_batch)
@@ -417,15 +456,19 @@ class Trainer:
                 is_best = False
                 if cfg.eval_every and self.global_step % cfg.eval_every == 0:
                     is_best = self._after_eval(self.evaluate())
-                if (cfg.save_every and self.global_step % cfg.save_every == 0) or is_best:
+                if (cfg.save_every and self.global_step % cfg.save_every == 0) or is_best or self.stopped_early:
                     self.save(best=is_best)
+                if self.stopped_early:
+                    break
+            if self.stopped_early:  # saved at its step above
+                break
             if self.step_in_epoch >= self.steps_per_epoch:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 is_best = False
                 if not cfg.eval_every:
                     is_best = self._after_eval(self.evaluate())
-                if not cfg.save_every or is_best:
+                if not cfg.save_every or is_best or self.stopped_early:
                     self.save(best=is_best)
         bar.close()
         if not self.last_eval:
