@@ -60,6 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "relative to --images-root; default: 'image', else 'jpg')")
     p.add_argument("--text-column", help="parquet/hf: the caption column (default: 'caption', else 'text')")
     p.add_argument("--id-column", help="parquet/hf: the id column (default: 'key', else 'id', else the row number)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: threads of this process (default); ray: Ray Data workers read, check and write "
+                   "fragments in parallel and this process commits them once (needs the 'ray' extra)")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="--engine ray: tasks at once (default: the cluster's CPUs; --workers is then the "
+                   "reading threads of each)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="--engine ray: the cluster to join (default: $RAY_ADDRESS, else a local Ray runtime)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -84,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         text_column=args.text_column,
         id_column=args.id_column,
+        engine=args.engine,
+        ray_workers=args.ray_workers,
+        ray_address=args.ray_address,
     )
     print(report.summary())
     print(f"report: {report_path(Path(args.out))} (every ingest: {log_path(Path(args.out))})")

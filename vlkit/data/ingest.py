@@ -11,6 +11,7 @@ a byte limit, and only when their header declares no more pixels than :mod:`vlki
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +20,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import lance
 import pyarrow as pa
@@ -109,6 +110,33 @@ def image_problem(rec: Record, exc: ImageProblem) -> Problem:
     return Problem(str(rec.image_path), None, f"{exc} (listed at {rec.source})")
 
 
+def checked_batches(found: Iterable[tuple[Record, object]], schema: pa.Schema, fragment_rows: int,
+                    problems: list[Problem]) -> Iterator[pa.RecordBatch]:
+    """Rows of ``schema`` from read images, ``fragment_rows`` at a time; an unreadable image becomes a problem.
+
+    The one place where records and their images turn into stored rows, for every engine: the local one calls
+    it over all records, a Ray worker over its share.
+
+    Args:
+        found: ``(record, ImageInfo or ImageProblem)`` pairs, as :func:`vlkit.data.ingest_images.decoded`
+            gives them.
+        schema: the dataset's schema.
+        fragment_rows: rows gathered before they are handed on.
+        problems: where the image problems are reported.
+    """
+    rows: list[dict] = []
+    for rec, image in found:
+        if isinstance(image, ImageProblem):
+            problems.append(image_problem(rec, image))
+            continue
+        rows.append(_row(rec, image))
+        if len(rows) == fragment_rows:
+            yield from rows_to_table(rows, schema).to_batches()
+            rows = []
+    if rows:
+        yield from rows_to_table(rows, schema).to_batches()
+
+
 def ingest(
     sources: Sequence[str | Path],
     out: str | Path,
@@ -127,6 +155,9 @@ def ingest(
     image_column: str | None = None,
     text_column: str | None = None,
     id_column: str | None = None,
+    engine: str = "local",
+    ray_workers: int | None = None,
+    ray_address: str | None = None,
 ) -> IngestReport:
     """Ingest image-text sources into the Lance dataset at ``out`` (created, or appended to).
 
@@ -147,6 +178,11 @@ def ingest(
         image_column: Parquet / HF dataset column holding the image (default: ``image``, else ``jpg``).
         text_column: Parquet / HF dataset column holding the caption(s) (default: ``caption``, else ``text``).
         id_column: Parquet column holding the id (default: ``key``, else ``id``, else the row number).
+        engine: ``local`` (threads of this process) or ``ray``: Ray workers read, check and write the fragments,
+            and this process commits them once (see :mod:`vlkit.data.ray_ingest`).
+        ray_workers: with ``ray``, the workers at once (default: the cluster's CPUs); ``workers`` is then the
+            reading threads of each.
+        ray_address: with ``ray``, the cluster to join (default: ``RAY_ADDRESS``, else a local runtime).
 
     Returns:
         The report, also written beside the dataset.
@@ -163,23 +199,35 @@ def ingest(
         raise DataError("--fragment-rows must be at least 1")
     if max_image_bytes < 1:
         raise DataError("--max-image-bytes must be at least 1")
-    report = IngestReport(dataset=str(out), sources=[str(s) for s in sources],
-                          started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    columns = dict(image_column=image_column, text_column=text_column, id_column=id_column)
-    records = collect_records([Path(s) for s in sources], fmt, images_root, report.problems, columns)
-    report.records = len(records)
+    if engine not in ("local", "ray"):
+        raise DataError(f"--engine must be 'local' or 'ray', not {engine!r}")
+    if ray_workers is not None and ray_workers < 1:
+        raise DataError("--ray-workers must be at least 1")
+    with contextlib.ExitStack() as stack:
+        ray_engine = None
+        if engine == "ray":  # connected before the sources are read: a missing Ray fails first
+            from vlkit.data.ray_ingest import RayIngest
 
-    def waiting() -> None:
-        print(f"waiting for another process writing to {out} ...", file=sys.stderr, flush=True)
+            ray_engine = stack.enter_context(RayIngest.session(
+                ray_address, ray_workers, threads=workers or 1, confine=not allow_outside_root,
+                max_bytes=max_image_bytes))
+        report = IngestReport(dataset=str(out), sources=[str(s) for s in sources],
+                              started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        columns = dict(image_column=image_column, text_column=text_column, id_column=id_column)
+        records = collect_records([Path(s) for s in sources], fmt, images_root, report.problems, columns)
+        report.records = len(records)
 
-    with write_lock(out, on_wait=waiting):
-        options = dict(split=split, val_fraction=val_fraction, test_fraction=test_fraction, strict=strict,
-                       fragment_rows=fragment_rows, workers=workers or os.cpu_count() or 1, progress=progress,
-                       confine=not allow_outside_root, max_bytes=max_image_bytes)
-        ds = _ingest_locked(records, out, report, **options)
-        report.version_after = ds.version if ds is not None else None
-        report.seconds = time.perf_counter() - started
-        save_report(report, out)
+        def waiting() -> None:
+            print(f"waiting for another process writing to {out} ...", file=sys.stderr, flush=True)
+
+        with write_lock(out, on_wait=waiting):
+            options = dict(split=split, val_fraction=val_fraction, test_fraction=test_fraction, strict=strict,
+                           fragment_rows=fragment_rows, workers=workers or os.cpu_count() or 1, progress=progress,
+                           confine=not allow_outside_root, max_bytes=max_image_bytes, engine=ray_engine)
+            ds = _ingest_locked(records, out, report, **options)
+            report.version_after = ds.version if ds is not None else None
+            report.seconds = time.perf_counter() - started
+            save_report(report, out)
     if ds is None:
         raise DataError(f"no usable images in {', '.join(map(str, sources))}; nothing written\n"
                         + report.summary())
@@ -188,10 +236,13 @@ def ingest(
 
 def _ingest_locked(records: list[Record], out: Path, report: IngestReport, *, split: str | None,
                    val_fraction: float, test_fraction: float, strict: bool, fragment_rows: int | None,
-                   workers: int, progress: bool, confine: bool, max_bytes: int) -> lance.LanceDataset | None:
+                   workers: int, progress: bool, confine: bool, max_bytes: int,
+                   engine=None) -> lance.LanceDataset | None:
     """The part of :func:`ingest` done under the dataset's write lock: read the stored ids, write, index.
 
-    The dataset is opened once; each later step builds on the dataset its previous commit returned.
+    The dataset is opened once; each later step builds on the dataset its previous commit returned. With
+    ``engine`` (a :class:`vlkit.data.ray_ingest.RayIngest`) its workers check and write the images, and the
+    fragments they wrote are committed here, once.
     """
     existing = open_dataset(out) if out.exists() else None
     old_classes: list[str] = []
@@ -216,7 +267,11 @@ def _ingest_locked(records: list[Record], out: Path, report: IngestReport, *, sp
     fragment_rows = fragment_rows or auto_fragment_rows(len(records))
     decoded = functools.partial(decode_images, workers=workers, chunk=max(32, workers * 8), confine=confine,
                                 max_bytes=max_bytes)
-    checked = _refuse_on_problems(decoded(records), report, out) if strict else None
+    if engine is None:
+        checked = _refuse_on_problems(decoded(records), report, out) if strict else None
+    elif strict:
+        report.problems.extend(engine.check(records))
+        _refuse_on_problems(iter(()), report, out)
     if existing is not None:
         existing = _add_extra_columns(out, existing, _extra_fields(records))
         schema = existing.schema
@@ -224,34 +279,33 @@ def _ingest_locked(records: list[Record], out: Path, report: IngestReport, *, sp
         meta = {"vlkit.classes": json.dumps(classes)} if classes else {}
         schema = build_schema(_extra_fields(records), meta)
 
-    bar = tqdm(total=len(records), unit="rows", desc="ingest", disable=not progress, dynamic_ncols=True)
+    if engine is not None:
+        ds = engine.write(records, out, schema, existing, fragment_rows, report) or existing
+    else:
+        bar = tqdm(total=len(records), unit="rows", desc="ingest", disable=not progress, dynamic_ncols=True)
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        rows: list[dict] = []
-        for rec, image in decoded(records, checked=checked):
-            bar.update(1)
-            if isinstance(image, ImageProblem):
-                report.problems.append(image_problem(rec, image))
-                continue
-            rows.append(_row(rec, image))
-            if len(rows) == fragment_rows:
-                yield from rows_to_table(rows, schema).to_batches()
-                report.rows_added += len(rows)
-                rows = []
-        if rows:
-            yield from rows_to_table(rows, schema).to_batches()
-            report.rows_added += len(rows)
+        def batches() -> Iterator[pa.RecordBatch]:
+            for batch in checked_batches(_counted(decoded(records, checked=checked), bar), schema, fragment_rows,
+                                         report.problems):
+                yield batch
+                report.rows_added += batch.num_rows
 
-    try:
-        ds = _write(out, schema, batches(), existing, fragment_rows) or existing
-    finally:
-        bar.close()
+        try:
+            ds = _write(out, schema, batches(), existing, fragment_rows) or existing
+        finally:
+            bar.close()
     if ds is not None and report.rows_added:
         if classes != old_classes and existing is not None:
             ds = retry_on_conflict(_set_classes(classes), out, "the class names were saved", dataset=ds)
         for column, kind in (("id", "BTREE"), ("split", "BITMAP")):
             ds = retry_on_conflict(_index(column, kind), out, f"the {column} index was refreshed", dataset=ds)
     return ds
+
+
+def _counted(items: Iterator, bar: tqdm) -> Iterator:
+    for item in items:
+        bar.update(1)
+        yield item
 
 
 def _set_classes(classes: list[str]) -> Callable[[lance.LanceDataset], lance.LanceDataset]:

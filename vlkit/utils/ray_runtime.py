@@ -1,0 +1,83 @@
+"""The Ray runtime that ``--engine ray`` runs on: joining a cluster (or starting a local one) and its size.
+
+Ray is an optional dependency (the ``ray`` extra): it is imported here, when a command asks for it, never when
+a command's parser is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator
+
+from vlkit.errors import VlkitError
+
+MISSING_RAY = "--engine ray needs Ray Data, which is not installed: pip install 'vlkit[ray]'"
+
+
+def import_ray() -> Any:
+    """The ``ray`` module with Ray Data, or a one-line :class:`~vlkit.errors.VlkitError` saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the engine needs Ray Data, not only Ray core)
+    except ImportError:
+        raise VlkitError(MISSING_RAY) from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[Any]:
+    """Join the Ray cluster at ``address`` (else ``RAY_ADDRESS``), or start a local one, for the ``with`` block.
+
+    A runtime already started in this process (``ray.init`` by the caller) is used as it is and left running;
+    one started here is shut down at the end of the block. A local runtime gets every CPU of this machine and no
+    dashboard.
+
+    Args:
+        address: a cluster address (``ray://host:10001`` or ``host:6379``), or ``auto`` for the one running on
+            this machine (``ray start --head``).
+
+    Yields:
+        The ``ray`` module, connected.
+
+    Raises:
+        VlkitError: Ray is not installed, or the cluster cannot be reached.
+    """
+    ray = import_ray()
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        yield ray
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VlkitError(f"cannot start or join {where} ({first})") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus(ray: Any) -> int:
+    """The CPUs of the connected cluster (at least 1): the default number of Ray workers."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def task_pool(ray: Any, size: int) -> Any:
+    """A Ray Data compute strategy running at most ``size`` tasks at once."""
+    return ray.data.TaskPoolStrategy(size=size)
+
+
+def actor_pool(ray: Any, size: int) -> Any:
+    """A Ray Data compute strategy of ``size`` actors (each keeps its state, e.g. a loaded model)."""
+    return ray.data.ActorPoolStrategy(size=size)
