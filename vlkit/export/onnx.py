@@ -2,8 +2,9 @@
 
 ``export_onnx`` writes ``image_encoder.onnx`` (``pixels`` float32 ``[batch, 3, S, S]`` -> ``image_embeds``
 ``[batch, dim]``), ``text_encoder.onnx`` (``input_ids``, ``attention_mask`` int64 ``[batch, length]`` ->
-``text_embeds`` ``[batch, dim]``), the tokenizer as ``tokenizer.json`` and ``export.json`` (fingerprint, opset,
-shapes, preprocessing and the largest difference to PyTorch measured at export). The embeddings are
+``text_embeds`` ``[batch, dim]``), the tokenizer as ``tokenizer.json``, ``export.json`` (fingerprint, opset,
+shapes, preprocessing and the largest difference to PyTorch measured at export) and the model card
+``README.md`` (:mod:`vlkit.export.card`). The embeddings are
 L2-normalised, as ``encode_image``/``encode_text`` return them. The folder appears whole or not at all: a
 model whose ONNX outputs differ from PyTorch's by more than the tolerance leaves nothing behind.
 """
@@ -163,7 +164,7 @@ def _compare(session: Any, feeds: dict[str, Tensor], expected: Tensor, what: str
 
 
 def export_onnx(loaded: Any, out: str | Path, opset: int = DEFAULT_OPSET, *, inputs: Iterable[str | Path] = (),
-                what: str | None = None, tolerance: float = TOLERANCE, seed: int = 0) -> ExportReport:
+                what: str | None = None, tolerance: float = TOLERANCE, seed: int = 0, card: bool = True) -> ExportReport:
     """Export ``loaded``'s image and text encoders to ONNX files in ``out``, checked with onnxruntime.
 
     Args:
@@ -174,6 +175,7 @@ def export_onnx(loaded: Any, out: str | Path, opset: int = DEFAULT_OPSET, *, inp
         what: how the user named ``out``, for messages.
         tolerance: the largest absolute difference to PyTorch accepted.
         seed: seed of the random check batches.
+        card: write the model card (``README.md``; :mod:`vlkit.export.card`).
 
     Returns:
         The report written to ``export.json``.
@@ -193,6 +195,9 @@ def export_onnx(loaded: Any, out: str | Path, opset: int = DEFAULT_OPSET, *, inp
     if loaded.tokenizer is None:
         raise VlkitError(f"{name}: no tokenizer saved with the model ({loaded.source}); the text encoder "
                          "cannot be checked without one")
+    from vlkit.export.card import CARD_FILE, model_card, read_training
+
+    record = read_training(loaded.source) if card else None  # read and checked before anything is written
     pre = model.preprocess
     size, context = int(pre.image_size), int(pre.context_length)
     gen = torch.Generator().manual_seed(seed)
@@ -247,4 +252,11 @@ def export_onnx(loaded: Any, out: str | Path, opset: int = DEFAULT_OPSET, *, inp
                         "normalized": True},
             max_abs_diff=diffs, checked={"batch": list(CHECK_BATCHES), "length": check_lens})
         (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        if record is not None:
+            files = {IMAGE_FILE: f"pixels [batch, 3, {size}, {size}] float32 -> image_embeds [batch, {dim}]",
+                     TEXT_FILE: "input_ids, attention_mask [batch, length] int64 -> text_embeds "
+                                f"[batch, {dim}] (length up to {context})",
+                     TOKENIZER_FILE: "the tokenizer (Hugging Face tokenizers format)",
+                     REPORT_FILE: f"opset {opset}, shapes, preprocessing and the check's figures"}
+            (tmp / CARD_FILE).write_text(model_card(loaded, "onnx", record, files, diffs), encoding="utf-8")
     return report
