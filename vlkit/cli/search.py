@@ -22,7 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="search with this image instead of a text")
     p.add_argument("--captions", action="store_true", help="with --image: return captions (image->text)")
     p.add_argument("--k", type=int, default=5, help="results to return (1-100)")
-    p.add_argument("--model", help="embed the query with this run instead of the index's own model")
+    p.add_argument("--model", help="embed the query with this run instead of the index's own model (with "
+                   "--runtime onnx: also a folder written by 'vlkit export --format onnx')")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="what embeds the query: torch (default), or onnx: onnxruntime (pip install "
+                   "'vlkit[onnx]'), from an ONNX export given as --model or the model exported at start; same "
+                   "hits and scores. --rerank needs the PyTorch model and is refused with onnx")
     p.add_argument("--rerank", type=int, metavar="K",
                    help="text queries: re-score the K nearest images (K >= --k, at most 100) with the model's "
                    "image-text matching head (albef-*, blip-*, ...) and return the best --k by it; each score "
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise VlkitError("--captions searches captions by image: it needs --image PATH")
     check_k(args.k)
     if args.rerank is not None:
+        if args.runtime == "onnx":
+            raise VlkitError("--rerank needs the PyTorch model (its image-text matching head): use --runtime torch")
         if args.image is not None:
             raise VlkitError("--rerank re-scores the images of a text query: it does not apply to --image")
         if not args.k <= args.rerank <= MAX_K:
@@ -57,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
             check_image(data)  # size and pixel limit from the header, before the model is loaded
         except VlkitError as exc:
             raise VlkitError(f"{path}: {exc}") from None
-    searcher = Searcher(args.index, args.model)
+    if args.runtime == "onnx":
+        from vlkit.export.onnx_runtime import require_onnxruntime
+
+        require_onnxruntime()  # one line before anything is loaded
+    searcher = Searcher(args.index, args.model, runtime=args.runtime)
     reranked = None
     if args.rerank is not None:
         from vlkit.inference.matching import require_matching

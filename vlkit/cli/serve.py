@@ -28,7 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     p.add_argument("--model", metavar="RUN",
                    help="embed queries with this run, model directory or checkpoint instead of the index's own "
-                   "model (its embedding size must match the index)")
+                   "model (its embedding size must match the index); with --runtime onnx also a folder written by "
+                   "'vlkit export --format onnx'")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="what embeds the queries: torch (default), or onnx: onnxruntime (pip install "
+                   "'vlkit[onnx]'), from an ONNX export given as --model (no PyTorch weights needed) or the "
+                   "model exported to a temporary folder at start; same hits and scores. /api/describe (captions) "
+                   "needs the PyTorch model and answers that the served model cannot describe images")
     p.add_argument("--allowed-hosts", metavar="HOSTS", default="",
                    help="comma-separated host names or addresses the server answers for besides the loopback "
                    "names and --host (requests naming another host get 400); needed to reach a server started "
@@ -114,16 +120,21 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.search.searcher import Searcher
 
     hosts, protocol = _check_options(args)
+    if args.runtime == "onnx":
+        from vlkit.export.onnx_runtime import require_onnxruntime
+
+        require_onnxruntime()  # one line before the port is taken or the model loaded
     sock = bind(args.host, args.port)  # a busy port fails before the model is loaded
     try:
-        searcher = Searcher(args.index, model=args.model)
+        searcher = Searcher(args.index, model=args.model, runtime=args.runtime)
     except BaseException:
         sock.close()
         raise
     app = create_app(searcher, allowed_hosts=hosts)
     port = sock.getsockname()[1]
     info = searcher.info
-    print(f"serving {args.index} ({info.images} images, {info.captions} captions, {info.dim}-d) "
+    runtime = " with onnxruntime" if args.runtime == "onnx" else ""
+    print(f"serving {args.index} ({info.images} images, {info.captions} captions, {info.dim}-d){runtime} "
           f"at {url_of(args.host, port)}  (Ctrl+C to stop)", flush=True)
     if "*" in hosts:
         print("vlkit: warning: --allowed-hosts '*' answers requests for any host name: any web page opened on a "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from vlkit.errors import VlkitError
@@ -25,6 +27,8 @@ class LoadedModel:
         tag: a short fingerprint of the weights (first 12 hex digits of their SHA-256), written beside
             embeddings so that they can be traced to the model that made them.
         generation: how the model writes by default (the prompt and decoding its training run used).
+        precision: what embeddings are computed in: ``auto`` (bf16 autocast where the hardware has native
+            bf16, else fp32), ``fp32`` or ``bf16`` (see :mod:`vlkit.inference.speed`).
     """
 
     model: nn.Module
@@ -32,10 +36,31 @@ class LoadedModel:
     source: Path
     tag: str
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    precision: str = "auto"
 
     @property
     def embed_dim(self) -> int:
         return int(self.model.config.embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+        return next(iter(self.model.parameters()), torch.empty(0)).device
+
+    @property
+    def resolved_precision(self) -> str:
+        """``fp32`` or ``bf16``: :attr:`precision` with ``auto`` decided for this machine."""
+        from vlkit.inference.speed import resolve_precision
+
+        return resolve_precision(self.precision, self.device)
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Inference mode, with bf16 autocast when :attr:`resolved_precision` says so."""
+        from vlkit.inference.speed import autocast
+
+        with torch.inference_mode(), autocast(self.resolved_precision, self.device):
+            yield
 
 
 def _fingerprint(path: Path) -> str:
@@ -46,14 +71,27 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def load_for_inference(path: str | Path) -> LoadedModel:
+def load_for_inference(path: str | Path, runtime: str = "torch") -> LoadedModel:
     """Load ``path``: a run directory (its ``model/``, or ``model_ema/`` is not used), a model directory
     (``config.json`` + ``model.safetensors``), or a training checkpoint (``checkpoints/step-N``,
     ``checkpoints/best``, ``checkpoints/latest``) rebuilt from its run's ``config.yaml``.
 
+    Args:
+        path: the run, model directory or checkpoint.
+        runtime: ``torch``, or ``onnx``: encoders run by onnxruntime (``encode_image``/``encode_text`` only),
+            from a ``vlkit export --format onnx`` folder or from any of the above exported at load time
+            (:func:`vlkit.export.onnx_runtime.load_onnx`).
+
     Raises:
-        VlkitError: the path does not exist or holds none of these.
+        VlkitError: the path does not exist or holds none of these; an unknown runtime.
     """
+    if runtime != "torch":
+        from vlkit.export.onnx_runtime import check_runtime, load_onnx
+
+        check_runtime(runtime)
+        if not Path(path).exists():
+            raise VlkitError(f"{path}: no such run, model, checkpoint or ONNX export")
+        return load_onnx(path)
     path = Path(path)
     if not path.exists():
         raise VlkitError(f"{path}: no such run, model or checkpoint")

@@ -150,14 +150,18 @@ class Searcher:
         index_dir: the index directory.
         model: another model (run, model directory or checkpoint) to embed queries with, instead of the
             index's own copy; its embedding size must match the index.
+        runtime: ``torch``, or ``onnx``: queries embedded by onnxruntime (``model`` may then be a
+            ``vlkit export --format onnx`` folder; a PyTorch model is exported at load time). Re-ranking and
+            captions need the PyTorch model.
 
     Raises:
         VlkitError: the index is missing or unreadable, or ``model`` does not fit it.
     """
 
-    def __init__(self, index_dir: str | Path, model: str | Path | None = None):
+    def __init__(self, index_dir: str | Path, model: str | Path | None = None, runtime: str = "torch"):
         self.index_dir = Path(index_dir)
         self.model = model
+        self.runtime = runtime
         self._reopen_lock = threading.Lock()
         self._failed: tuple[tuple[int, ...], str, float] | None = None
         info = read_index_info(self.index_dir)
@@ -193,7 +197,7 @@ class Searcher:
         if previous is not None and (self.model is not None or previous.loaded.tag == info.model_tag):
             loaded = previous.loaded  # the same weights: no need to load them again
         else:
-            loaded = load_for_inference(source)
+            loaded = load_for_inference(source, runtime=self.runtime)
         if not callable(getattr(loaded.model, "encode_image", None)):
             raise VlkitError(f"{source}: a {type(loaded.model).__name__} does not embed images and texts, so it "
                              "cannot search an index; serve a model that does (CLIP, BriVL, CoCa)")
