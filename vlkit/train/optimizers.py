@@ -12,8 +12,8 @@ Example:
     ...     return torch.optim.RMSprop(groups, lr=cfg.lr_head, momentum=cfg.momentum)
 
 LAMB (You et al. 2020) comes from the ``pytorch-optimizer`` package (``pip install vlkit[optim]``), run as
-the paper's algorithm: the weight decay is part of the update whose norm the trust ratio divides, and the
-moments are not bias-corrected (the paper's third version).
+the paper's algorithm: the weight decay is part of the update whose norm the trust ratio divides, the
+moments are not bias-corrected (the paper's third version), so a step moves a tensor by ``lr * min(||w||, 10)``.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
 
 @register_optimizer("adafactor")
 def adafactor(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """PyTorch's Adafactor (factored second moments, no first moment) with ``beta2_decay``; the learning rate
-    is each group's rate (not Adafactor's relative step size)."""
+    """PyTorch's Adafactor (factored second moments, no first moment) with ``beta2_decay``. A group's rate
+    is Adafactor's relative step, capped at ``1 / sqrt(step)`` and scaled by the parameter's RMS (at least
+    1e-3); the weight decay multiplies the weights by ``1 - lr * weight_decay``."""
     return torch.optim.Adafactor(groups, lr=cfg.lr_head, beta2_decay=cfg.beta2_decay)
 
 
@@ -96,4 +97,6 @@ def lamb(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     except ImportError:
         raise VlkitError("optim.name=lamb needs the pytorch-optimizer package: pip install 'vlkit[optim]' "
                          "(or pip install pytorch-optimizer)") from None
-    return Lamb(groups, lr=cfg.lr_head, betas=tuple(cfg.betas), eps=cfg.eps, weight_decouple=False)
+    # weight_decouple=False: the decay joins the update the trust ratio measures; adam_debias=True: the step is
+    # the group's rate (the package otherwise divides it by 1 - beta1 ** t, which the paper does not)
+    return Lamb(groups, lr=cfg.lr_head, betas=tuple(cfg.betas), eps=cfg.eps, weight_decouple=False, adam_debias=True)
