@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory, model directory or checkpoint")
     p.add_argument("--data", required=True, help="the Lance dataset")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--workers", type=int, default=0,
+                   help="decoding worker processes (with --engine ray: of each actor)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process (default); ray: Ray Data actors holding the model embed parts of "
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         # the actors load the run and read the dataset themselves: absolute paths, whatever their directory
         emb = compute_embeddings_ray(Path(args.run).resolve(), Path(args.data).resolve(), batch_size=args.batch_size,
                                      workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
-                                     address=args.ray_address)
+                                     num_workers=args.workers, address=args.ray_address)
     else:
         emb = compute_embeddings(loaded, args.data, None, batch_size=args.batch_size, num_workers=args.workers,
                                  progress=not args.no_progress)

@@ -47,7 +47,7 @@ class _OnDevice(nn.Module):
 class _Embedder:
     """The Ray Data actor: loads the model once, then embeds one part of the rows per call."""
 
-    def __init__(self, run: str, dataset: str, batch_size: int, gpu: bool):
+    def __init__(self, run: str, dataset: str, batch_size: int, gpu: bool, num_workers: int):
         from vlkit.inference.loading import load_for_inference
 
         self.loaded = load_for_inference(run)
@@ -55,12 +55,14 @@ class _Embedder:
             self.loaded = dataclasses.replace(self.loaded, model=_OnDevice(self.loaded.model, torch.device("cuda")))
         self.dataset = dataset
         self.batch_size = batch_size
+        self.num_workers = num_workers
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from vlkit.inference.embed import compute_embeddings
 
         rows = json.loads(batch["rows"][0])
-        emb = compute_embeddings(self.loaded, self.dataset, None, batch_size=self.batch_size, rows=rows)
+        emb = compute_embeddings(self.loaded, self.dataset, None, batch_size=self.batch_size, rows=rows,
+                                 num_workers=self.num_workers)
         return {"part": [int(batch["part"][0])], "ids": [json.dumps(emb.ids)], "dim": [int(emb.image.shape[1])],
                 "image": [emb.image.numpy().astype(np.float32).tobytes()],
                 "text": [emb.text.numpy().astype(np.float32).tobytes()],
@@ -75,7 +77,7 @@ def part_rows(rows: int, workers: int, batch_size: int) -> int:
 
 
 def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: int = 64,
-                           workers: int | None = None, gpus_per_worker: float = 0,
+                           workers: int | None = None, gpus_per_worker: float = 0, num_workers: int = 0,
                            address: str | None = None) -> Embeddings:
     """Embed every image and caption of ``dataset`` on Ray actors; the same :class:`Embeddings`, in dataset
     order, as :func:`vlkit.inference.embed.compute_embeddings` over every row.
@@ -86,6 +88,8 @@ def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: 
         batch_size: images per forward pass.
         workers: actors (default: the cluster's GPUs divided by ``gpus_per_worker``, else its CPUs).
         gpus_per_worker: GPUs each actor holds (0: CPU actors).
+        num_workers: decoding processes of each actor (a GPU actor needs several to keep its GPU busy); an
+            actor reserves ``max(1, num_workers)`` CPUs.
         address: the cluster to join (default: ``RAY_ADDRESS``, else a local runtime).
 
     Raises:
@@ -100,6 +104,8 @@ def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: 
         raise VlkitError("--ray-workers must be at least 1")
     if gpus_per_worker < 0:
         raise VlkitError("--gpus-per-worker must be at least 0")
+    if num_workers < 0:
+        raise VlkitError("--workers must be at least 0")
     total = open_dataset(dataset).count_rows()
     if total == 0:
         raise DataError(f"{dataset}: no rows")
@@ -109,16 +115,16 @@ def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: 
             if gpus < gpus_per_worker:
                 raise VlkitError(f"--gpus-per-worker {gpus_per_worker}: the Ray cluster has {gpus:g} GPUs")
             workers = workers or max(1, int(gpus // gpus_per_worker))
-        workers = workers or cluster_cpus(ray)
+        workers = workers or max(1, cluster_cpus(ray) // max(1, num_workers))
         size = part_rows(total, workers, batch_size)
         items = [{"part": i, "rows": json.dumps(list(range(start, min(start + size, total))))}
                  for i, start in enumerate(range(0, total, size))]
         data = ray.data.from_items(items, override_num_blocks=len(items))
         try:
             parts = data.map_batches(
-                _Embedder, batch_size=1, num_cpus=1, num_gpus=gpus_per_worker or None,
+                _Embedder, batch_size=1, num_cpus=max(1, num_workers), num_gpus=gpus_per_worker or None,
                 fn_constructor_kwargs=dict(run=str(run), dataset=str(dataset), batch_size=batch_size,
-                                           gpu=bool(gpus_per_worker)),
+                                           gpu=bool(gpus_per_worker), num_workers=num_workers),
                 compute=actor_pool(ray, min(workers, len(items)))).take_all()
         except Exception as exc:  # noqa: BLE001  (an actor failed or was lost: one line, nothing written)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
