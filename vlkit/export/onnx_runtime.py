@@ -13,7 +13,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -62,6 +62,11 @@ class OnnxEncoders:
     def eval(self) -> "OnnxEncoders":
         """Nothing to switch (the sessions only infer); here so that it stands where a model does."""
         return self
+
+    def parameters(self) -> Iterator[Tensor]:
+        """No PyTorch parameters (the weights are in the sessions): code that asks where a model's weights
+        are finds none, so it takes the CPU."""
+        return iter(())
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         """``[batch, 3, S, S]`` normalised pixels -> L2-normalised ``[batch, embed_dim]``."""

@@ -119,7 +119,9 @@ def export_torchscript(loaded: Any, out: str | Path, *, inputs: Iterable[str | P
     size, context = int(pre.image_size), int(pre.context_length)
     gen = torch.Generator().manual_seed(seed)
     check_lens = sorted({min(5, context), context})
-    with atomic_directory(out, EXPORT_KIND, inputs=inputs, what=what) as tmp, torch.no_grad():
+    with atomic_directory(out, EXPORT_KIND, inputs=inputs, what=what) as tmp, torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
         pixels = torch.randn(2, 3, size, size, generator=gen)  # [batch, 3, S, S]
         torch.jit.save(_trace(ImageEncoder(model), (pixels,), "image encoder", name), str(tmp / IMAGE_FILE))
         text = _text_batch(loaded.tokenizer, 2, min(8, context), gen)
