@@ -209,3 +209,29 @@ def test_missing_onnxruntime_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
     with pytest.raises(VlkitError, match=r"onnxruntime is missing\): pip install 'vlkit\[onnx\]'"):
         require_onnx()
+
+
+def test_the_card_snippet_runs_with_onnxruntime_alone(exported):
+    """README.md's code, run in a fresh interpreter in the export folder: the embeddings equal the model's and
+    no vlkit module is imported."""
+    import re
+    import subprocess
+    import sys
+
+    from vlkit.data.text import TextTokenizer
+
+    root, model, _, _ = exported
+    out = root / "onnx"
+    card = (out / "README.md").read_text()
+    assert card.startswith("# clip `") and "(ONNX)" in card.splitlines()[0]
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code += "\nimport json, sys\nprint(json.dumps({'vlkit': any(m.split('.')[0] == 'vlkit' for m in sys.modules), " \
+            "'text': text_embeds.tolist(), 'image': image_embeds.tolist()}))\n"
+    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=out, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["vlkit"] is False
+    feeds = TextTokenizer(out / "tokenizer.json", max_length=12)(["a photo of a dog"])
+    with torch.no_grad():
+        assert (torch.tensor(got["text"]) - model.encode_text(**feeds)).abs().max() <= 1e-4
+        assert (torch.tensor(got["image"]) - model.encode_image(torch.zeros(1, 3, 32, 32))).abs().max() <= 1e-4
