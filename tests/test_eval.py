@@ -124,7 +124,9 @@ def _by_hand_image_embeddings(model, dataset, split):
 def loaded(trained_run):
     from vlkit.inference.loading import load_for_inference
 
-    return load_for_inference(trained_run[0])
+    loaded = load_for_inference(trained_run[0])
+    loaded.precision = "fp32"  # compared with embeddings computed by hand in fp32
+    return loaded
 
 
 def _html_pngs(report):
@@ -141,7 +143,7 @@ def test_retrieval_cli_matches_metrics_on_embeddings_by_hand(trained_run, synth,
 
     run_dir, _ = trained_run
     report = tmp_path / "report"
-    proc = run_cli("eval", run_dir, "--data", synth, "--json", "--report", report)
+    proc = run_cli("eval", run_dir, "--data", synth, "--json", "--report", report, "--precision", "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["task"] == "retrieval" and out["split"] == "test" and out["report"].endswith("index.html")
@@ -183,7 +185,7 @@ def test_zeroshot_cli_matches_slow_loop_and_beats_chance(trained_run, synth, loa
 
     report = tmp_path / "zs"
     proc = run_cli("eval", trained_run[0], "--task", "zeroshot", "--data", synth, "--split", "train",
-                   "--json", "--report", report)
+                   "--json", "--report", report, "--precision", "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["classes"] == len(CLASSES) and out["templates"] == list(DEFAULT_TEMPLATES)
@@ -274,7 +276,7 @@ def test_linear_probe_cli_beats_majority_and_matches_sklearn(trained_run, synth,
 
     from vlkit.inference.embed import compute_embeddings
 
-    proc = run_cli("eval", trained_run[0], "--task", "linear-probe", "--data", synth, "--json")
+    proc = run_cli("eval", trained_run[0], "--task", "linear-probe", "--data", synth, "--json", "--precision", "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["train_split"] == "train" and out["C"] in DEFAULT_C_GRID

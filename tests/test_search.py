@@ -21,7 +21,10 @@ from vlkit.search.searcher import QueryError, Searcher
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
-    return load_for_inference(trained_run[0])
+    """The model in fp32: these tests compare the pipeline's embeddings with ones computed by hand."""
+    loaded = load_for_inference(trained_run[0])
+    loaded.precision = "fp32"
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +172,7 @@ def test_model_with_another_embedding_size_is_refused(index, tmp_path):
 
 def test_cli_embed_index_search(trained_run, synth, data, tmp_path):
     run, _ = trained_run
-    r = run_cli("embed", run, "--data", data, "--no-progress")
+    r = run_cli("embed", run, "--data", data, "--no-progress", "--precision", "fp32")
     assert r.returncode == 0, r.stderr
     assert "caption embeddings" in r.stdout
     r = run_cli("index", run, "--data", data, "--out", tmp_path / "idx", "--no-progress", "--split", "val")

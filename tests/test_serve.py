@@ -39,7 +39,9 @@ K_ERROR = "k must be an integer from 1 to 100"
 def index_dir(synth, trained_run, tmp_path_factory):
     run_dir, _ = trained_run
     out = tmp_path_factory.mktemp("serve") / "index"
-    build_index(load_for_inference(run_dir), synth, out)
+    loaded = load_for_inference(run_dir)
+    loaded.precision = "fp32"  # results are compared with a brute-force search in fp32
+    build_index(loaded, synth, out)
     return out
 
 

@@ -31,6 +31,16 @@ USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOO
 USER_OS_ERRORS = (PermissionError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def add_precision(parser: argparse.ArgumentParser) -> None:
+    """Add ``--precision``: what image and caption embeddings are computed in."""
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (default): bf16 autocast where the hardware computes in bf16 natively (CPUs "
+                        "with AVX512-BF16 or AMX, recent GPUs), else fp32; fp32: exact float32 everywhere")
+
+
 def pixel_limit(text: str) -> int:
     """Parse ``--max-pixels``: a whole number of pixels, at least 1 (``64000000`` or ``6.4e7``)."""
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlkit.cli import add_precision
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``embed`` subcommand to ``sub``."""
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--engine ray: GPUs each actor holds (default 0: CPU actors)")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="--engine ray: the cluster to join (default: $RAY_ADDRESS, else a local Ray runtime)")
+    add_precision(p)
     p.set_defaults(func=run)
 
 
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.inference.loading import load_for_inference
 
     loaded = load_for_inference(args.run)
+    loaded.precision = args.precision
     require_embeddings(loaded.model, "vlkit embed")
     if args.engine == "ray":
         from vlkit.inference.ray_embed import compute_embeddings_ray

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from vlkit.cli import add_precision
+
 TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "vqa", "captioning")
 
 
@@ -61,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="captioning: write the captions as COCO results ([{\"image_id\": ..., \"caption\": ...}])")
     p.add_argument("--report", metavar="DIR", help="also write an HTML report (DIR/index.html with figures); an "
                    "existing DIR is replaced only when it is an earlier report")
+    add_precision(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                       templates=templates, batch_size=args.batch_size, limit=args.limit,
                       num_workers=args.num_workers, progress=not args.json and sys.stderr.isatty(),
                       settings=settings, prompt=args.prompt, spice=args.spice, rerank=args.rerank,
-                      rerank_score=args.rerank_score)
+                      rerank_score=args.rerank_score, precision=args.precision)
     summary = result.summary()
     if args.predictions:
         from vlkit.eval.caption_report import coco_results

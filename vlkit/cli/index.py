@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlkit.cli import add_precision
+
 #: The default of --ann-threshold: ``vlkit.search.index.DEFAULT_ANN_THRESHOLD``, repeated here because importing
 #: that module loads torch and lancedb, which ``vlkit --help`` must not wait for (a test keeps the two equal).
 DEFAULT_ANN_THRESHOLD = 50_000
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_precision(p)
     p.set_defaults(func=run)
 
 
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, "index", inputs=[args.data, args.run], what="--out")  # before any work
     loaded = load_for_inference(args.run)
+    loaded.precision = args.precision  # recorded in the index: queries are embedded in the same precision
     require_embeddings(loaded.model, "vlkit index")
     info = build_index(loaded, args.data, args.out, args.split, batch_size=args.batch_size,
                        ann_threshold=args.ann_threshold, num_workers=args.workers, progress=not args.no_progress)

@@ -56,6 +56,8 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         normalize: return float images normalised with the transform's mean/std (else uint8).
         columns: further columns to return as lists (e.g. ``["questions", "answers"]``).
         require: list columns that must be non-empty for a row to be used (e.g. ``["questions"]`` for VQA).
+        thumbnails: also return a JPEG thumbnail of each image with this longer side (``thumbnail``, a list of
+            bytes), made from the same decode as the image (an evaluation transform only).
 
     Example:
         >>> ds = LanceImageTextDataset("coco.lance", "train", ImageTransform(224, train=True), tok)
@@ -73,6 +75,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         normalize: bool = True,
         columns: Sequence[str] = (),
         require: Sequence[str] = (),
+        thumbnails: int | None = None,
     ):
         if captions not in ("random", "first", "longest", "all", "none"):
             raise DataError(f"captions must be random, first, longest, all or none, not '{captions}'")
@@ -83,6 +86,9 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         self.captions = captions
         self.seed = seed
         self.normalize = normalize
+        self.thumbnails = thumbnails
+        if thumbnails is not None and (transform is None or transform.train or thumbnails < 1):
+            raise DataError("thumbnails need an evaluation transform and a positive size")
         self.epoch = 0
         ds = open_dataset(path)
         with reading(self.path):
@@ -160,7 +166,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
             "index": torch.tensor(list(indices), dtype=torch.long),
             "id": rows["id"],
         }
-        texts, caption_image, images = [], [], []
+        texts, caption_image, images, thumbs = [], [], [], []
         for pos, (offset, caps, (_, data)) in enumerate(zip(offsets, rows["captions"], blobs)):
             rng = self._rng(offset)
             caps = caps or []
@@ -175,8 +181,15 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
                 texts.extend(caps)
                 caption_image.extend([pos] * len(caps))
                 allow_flip = not any(mentions_side(c) for c in caps)
-            images.append(data if self.transform is None else self._image(data, rng, allow_flip, rows["id"][pos]))
+            if self.thumbnails is not None:
+                image, thumb = self._image(data, rng, allow_flip, rows["id"][pos], thumbnail=True)
+                images.append(image)
+                thumbs.append(thumb)
+            else:
+                images.append(data if self.transform is None else self._image(data, rng, allow_flip, rows["id"][pos]))
         batch["image"] = images if self.transform is None else self._stack(images)
+        if self.thumbnails is not None:
+            batch["thumbnail"] = thumbs
         if self.captions != "none":
             batch["text"] = texts
             if self.captions == "all":
@@ -190,9 +203,11 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
             batch[name] = rows[name]
         return batch
 
-    def _image(self, data: bytes, rng: random.Random, allow_flip: bool, row_id: str) -> torch.Tensor:
-        """Decode and transform one image; a bad image raises a RowError naming the row."""
+    def _image(self, data: bytes, rng: random.Random, allow_flip: bool, row_id: str, thumbnail: bool = False):
+        """Decode and transform one image (and its thumbnail); a bad image raises a RowError naming the row."""
         try:
+            if thumbnail:
+                return self.transform.with_thumbnail(data, self.thumbnails)
             return self.transform(data, rng, allow_flip)
         except (ImageError, ImageDecodeError) as exc:
             raise image_error(self.path, row_id, exc) from None

@@ -11,6 +11,7 @@ cheap and moves 4x less data to the accelerator.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import re
@@ -108,6 +109,20 @@ def decode(data: bytes, min_size: int | None = None) -> Image.Image:
             limit (:func:`vlkit.data.decode.max_pixels`).
     """
     return _decode_scaled(data, min_size)[0]
+
+
+def thumbnail_jpeg(img: Image.Image, size: int, quality: int = 85) -> bytes:
+    """A JPEG of ``img`` scaled down (never up) so that its longer side is at most ``size`` pixels.
+
+    The image itself is left as it was.
+    """
+    small = img.copy()
+    small.thumbnail((size, size), Image.Resampling.BICUBIC)
+    if small.mode != "RGB":
+        small = small.convert("RGB")
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def mentions_side(text: str) -> bool:
@@ -260,6 +275,29 @@ class ImageTransform:
         else:
             img = self._eval_image(data)
         return to_uint8_tensor(img)  # [3, S, S]
+
+    def with_thumbnail(self, data: bytes, size: int) -> tuple[torch.Tensor, bytes]:
+        """The evaluation transform of one image and a JPEG thumbnail of it, from a single decode.
+
+        Args:
+            data: encoded image.
+            size: the thumbnail's longer side, in pixels.
+
+        Returns:
+            uint8 tensor ``[3, S, S]`` and the thumbnail's JPEG bytes.
+
+        Raises:
+            ImageError: undecodable bytes, or more pixels than the limit.
+            VlkitError: a training transform (its crops are random, a thumbnail would not show the image).
+        """
+        if self.train:
+            raise VlkitError("thumbnails come from the evaluation transform, not a training one")
+        min_size = self._min_size()
+        img, (width, height), factor = _decode_scaled(data, None if min_size is None else max(min_size, size))
+        left, top, right, bottom = eval_crop_box(width, height, self.image_size)
+        box = (left / factor, top / factor, right / factor, bottom / factor)
+        pixels = to_uint8_tensor(img.resize((self.image_size, self.image_size), BICUBIC, box=box))
+        return pixels, thumbnail_jpeg(img, size)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalise a uint8 ``[B, 3, S, S]`` batch with this transform's mean and std."""

@@ -275,7 +275,7 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
              train_split: str = "train", templates: Sequence[str] | None = None, batch_size: int = 64,
              limit: int | None = None, num_workers: int = 0, progress: bool = False,
              settings: dict[str, Any] | None = None, prompt: str | None = None, spice: bool = False,
-             rerank: int | None = None, rerank_score: str = "itm+itc") -> EvalResult:
+             rerank: int | None = None, rerank_score: str = "itm+itc", precision: str = "auto") -> EvalResult:
     """Evaluate a run, model directory or checkpoint on ``split`` of ``dataset``.
 
     Args:
@@ -300,6 +300,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
             (:mod:`vlkit.inference.rerank`, ordered by ``rerank_score``: ``itm`` or ``itm+itc``); the metrics are
             those after re-ranking, and the contrastive ones
             are kept under ``..._itc`` names.
+        precision: what embeddings are computed in (``auto``, ``fp32``, ``bf16``; see
+            :mod:`vlkit.inference.speed`).
 
     Raises:
         VlkitError: unknown task, bad limit or batch size, no such run/model/checkpoint, or a model that
@@ -318,6 +320,10 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     if rerank is not None and (task != "retrieval" or rerank < 1):
         raise VlkitError("--rerank applies to --task retrieval only" if task != "retrieval"
                          else f"--rerank must be at least 1, got {rerank}")
+    from vlkit.inference.speed import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise VlkitError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     start = time.perf_counter()
     dataset = Path(dataset)
     split_indices(open_dataset(dataset), split)  # the dataset and the split exist
@@ -328,6 +334,7 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
         require_labels(dataset, split, "zero-shot classification" if task == "zeroshot" else "the linear probe")
     loaded = load_for_inference(model_path)
+    loaded.precision = precision
     if task == "captioning":
         from vlkit.inference.interface import require_generative
 

@@ -24,6 +24,8 @@ from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.store import open_dataset, retry_on_conflict, write_lock
 from vlkit.errors import DataError
 from vlkit.inference.loading import LoadedModel
+from vlkit.inference.speed import autocast, prefetch, resolve_precision, to_channels_last
+from vlkit.inference.speed import channels_last as channels_last_mode
 
 IMAGE_COLUMN = "image_embedding"
 TEXT_COLUMN = "caption_embeddings"
@@ -41,6 +43,8 @@ class Embeddings:
         captions: the caption strings.
         labels: ``[images]`` class labels, when every row has one.
         columns: further columns that were asked for, as lists.
+        thumbnails: JPEG thumbnails of the images, when they were asked for.
+        precision: what they were computed in (``fp32`` or ``bf16``).
     """
 
     ids: list[str]
@@ -50,6 +54,8 @@ class Embeddings:
     captions: list[str]
     labels: Tensor | None = None
     columns: dict[str, list] = field(default_factory=dict)
+    thumbnails: list[bytes] | None = None
+    precision: str = "fp32"
 
 
 def can_embed(model) -> bool:
@@ -76,12 +82,17 @@ def require_embeddings(model, what: str) -> None:
                          "model by image-text matching")
 
 
-@torch.no_grad()
 def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | None = None, *,
                        batch_size: int = 64, captions: bool = True, columns: Sequence[str] = (),
                        num_workers: int = 0, progress: bool = False, limit: int | None = None,
-                       rows: Sequence[int] | None = None) -> Embeddings:
+                       rows: Sequence[int] | None = None, precision: str | None = None, channels_last: bool = True,
+                       prefetch_batches: int = 2, thumbnails: int | None = None) -> Embeddings:
     """Embed every image (and caption) of ``split`` of ``dataset`` (``None``: every row).
+
+    The model runs in inference mode, with bf16 autocast where the hardware has native bf16 (``precision``),
+    channels-last convolutions, and the next batches decoded in a background thread while it runs (see
+    :mod:`vlkit.inference.speed`); ``precision="fp32", channels_last=False, prefetch_batches=0`` is the plain
+    path.
 
     Args:
         loaded: the model (see :func:`vlkit.inference.loading.load_for_inference`).
@@ -90,21 +101,29 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
         batch_size: images per forward pass.
         captions: also embed every caption.
         columns: further columns to return (e.g. ``["class_name"]``).
-        num_workers: DataLoader worker processes for decoding.
+        num_workers: DataLoader worker processes for decoding (0: decode in this process).
         progress: show a progress bar.
         limit: embed only the first ``limit`` rows of the split.
         rows: embed only these positions of the split, in this order (a worker's share; ``limit`` then
             applies to them).
+        precision: ``auto`` (bf16 where native, else fp32), ``fp32`` or ``bf16``; ``None``: the loaded model's
+            :attr:`~vlkit.inference.loading.LoadedModel.precision`.
+        channels_last: run convolutions in channels-last layout.
+        prefetch_batches: batches decoded ahead in a background thread (0: none).
+        thumbnails: also make a JPEG thumbnail of each image with this longer side, from the same decode
+            (:attr:`Embeddings.thumbnails`).
 
     Raises:
         DataError: the split has no rows.
-        VlkitError: the model embeds nothing (a fusion-only model).
+        VlkitError: the model embeds nothing (a fusion-only model), or an unknown precision.
     """
     model, tokenizer = loaded.model, loaded.tokenizer
     require_embeddings(model, "computing embeddings")
+    device = loaded.device
+    precision = resolve_precision(loaded.precision if precision is None else precision, device)
     ds = LanceImageTextDataset(dataset, split, model.preprocess.image_transform(train=False),
                                tokenizer if captions else None, captions="all" if captions else "none",
-                               columns=columns)
+                               columns=columns, thumbnails=thumbnails)
     if len(ds) == 0:
         raise DataError(f"{dataset}: split {split!r} has no rows" if split else f"{dataset}: no rows")
     indices = list(range(len(ds))) if rows is None else [int(i) for i in rows]
@@ -115,32 +134,44 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
     if not indices:
         raise DataError(f"{dataset}: no rows to embed")
     loader = make_loader(ds, batch_size, indices, num_workers=num_workers)
+    batches = prefetch(loader, prefetch_batches)
     if progress:
         from tqdm import tqdm
 
-        loader = tqdm(loader, desc="embed", unit="batch", dynamic_ncols=True)
-    ids, images, texts, owner, caption_text, labels = [], [], [], [], [], []
+        batches = tqdm(batches, desc="embed", unit="batch", total=len(loader), dynamic_ncols=True)
+    ids, images, texts, owner, caption_text, labels, thumbs = [], [], [], [], [], [], []
     extra: dict[str, list] = {name: [] for name in columns}
-    for batch in loader:
-        start = len(ids)
-        ids += batch["id"]
-        images.append(model.encode_image(batch["image"]).float())
-        if captions and batch["text"]:
-            texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"]).float())
-            owner.append(batch["caption_image"] + start)
-            caption_text += batch["text"]
-        labels.append(batch.get("label"))
-        for name in columns:
-            extra[name] += batch[name]
+    with torch.inference_mode(), channels_last_mode(model, channels_last) as nhwc, autocast(precision, device):
+        for batch in batches:
+            start = len(ids)
+            ids += batch["id"]
+            pixels = batch["image"].to(device)
+            images.append(model.encode_image(to_channels_last(pixels) if nhwc else pixels).float())
+            if captions and batch["text"]:
+                texts.append(model.encode_text(batch["input_ids"].to(device),
+                                               batch["attention_mask"].to(device)).float())
+                owner.append(batch["caption_image"] + start)
+                caption_text += batch["text"]
+            labels.append(batch.get("label"))
+            thumbs += batch.get("thumbnail", [])
+            for name in columns:
+                extra[name] += batch[name]
     dim = images[0].shape[1]
     return Embeddings(
-        ids=ids, image=torch.cat(images),
-        text=torch.cat(texts) if texts else torch.zeros(0, dim),
-        caption_image=torch.cat(owner) if owner else torch.zeros(0, dtype=torch.long),
+        ids=ids, image=_plain(torch.cat(images)),
+        text=_plain(torch.cat(texts)) if texts else torch.zeros(0, dim),
+        caption_image=_plain(torch.cat(owner)) if owner else torch.zeros(0, dtype=torch.long),
         captions=caption_text,
         labels=torch.cat(labels) if all(x is not None for x in labels) else None,
         columns=extra,
+        thumbnails=thumbs if thumbnails is not None else None,
+        precision=precision,
     )
+
+
+def _plain(t: Tensor) -> Tensor:
+    """A copy of an inference-mode tensor on the CPU that autograd code may use like any other."""
+    return t.detach().cpu().clone()
 
 
 def write_embeddings(dataset: str | Path, emb: Embeddings, tag: str, source: str = "") -> int:
@@ -158,7 +189,8 @@ def write_embeddings(dataset: str | Path, emb: Embeddings, tag: str, source: str
         DataError: no such dataset, or other processes kept committing to it.
     """
     dim = emb.image.shape[1]
-    meta = {b"vlkit.model": tag.encode(), b"vlkit.source": str(source).encode(), b"vlkit.dim": str(dim).encode()}
+    meta = {b"vlkit.model": tag.encode(), b"vlkit.source": str(source).encode(), b"vlkit.dim": str(dim).encode(),
+            b"vlkit.precision": emb.precision.encode()}
     per_image: list[list] = [[] for _ in emb.ids]
     text = emb.text.numpy().astype(np.float32)
     for row, image in enumerate(emb.caption_image.tolist()):

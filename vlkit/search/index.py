@@ -14,7 +14,6 @@ fraction of the flat-scan latency, where LanceDB's default IVF_PQ without refine
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -24,11 +23,10 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
-
 from vlkit import __version__
 from vlkit.data.decode import ImageDecodeError, decode_rgb
 from vlkit.data.store import open_dataset, split_indices
+from vlkit.data.transforms import thumbnail_jpeg
 from vlkit.errors import VlkitError
 from vlkit.models.io import save_model
 from vlkit.inference.embed import IMAGE_COLUMN, TEXT_COLUMN, Embeddings, compute_embeddings, read_embeddings
@@ -56,6 +54,7 @@ class IndexInfo:
     search: dict[str, str]  # table -> "exact" or the approximate index type
     built_at: float
     vlkit_version: str = __version__
+    precision: str = "fp32"  # what the embeddings were computed in; queries are embedded in the same
 
 
 def thumbnail(data: bytes, size: int = THUMB_SIZE) -> bytes:
@@ -68,10 +67,7 @@ def thumbnail(data: bytes, size: int = THUMB_SIZE) -> bytes:
         img = decode_rgb(data, draft=size)
     except ImageDecodeError as exc:
         raise VlkitError(f"cannot make a thumbnail: {exc}") from None
-    img.thumbnail((size, size), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
-    return buf.getvalue()
+    return thumbnail_jpeg(img, size)
 
 
 def _thumbnails(dataset: str | Path, split: str | None, ids: list[str], chunk: int = 256) -> Iterator[bytes]:
@@ -108,7 +104,8 @@ def _stored_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
     dim = len(rows[IMAGE_COLUMN][0])
     return Embeddings(ids=rows["id"], image=torch.tensor(rows[IMAGE_COLUMN], dtype=torch.float32),
                       text=torch.tensor(texts, dtype=torch.float32).reshape(-1, dim),
-                      caption_image=torch.tensor(owner, dtype=torch.long), captions=captions)
+                      caption_image=torch.tensor(owner, dtype=torch.long), captions=captions,
+                      precision=meta.get("vlkit.precision", "fp32"))
 
 
 def _partitions(rows: int) -> int:
@@ -146,7 +143,7 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
     emb = _stored_embeddings(loaded, dataset, split)
     if emb is None:
         emb = compute_embeddings(loaded, dataset, split, batch_size=batch_size, num_workers=num_workers,
-                                 progress=progress)
+                                 progress=progress, thumbnails=THUMB_SIZE)  # one decode for both
     dim = emb.image.shape[1]
     first_caption = [""] * len(emb.ids)
     all_captions: list[list[str]] = [[] for _ in emb.ids]
@@ -158,7 +155,8 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
         "id": pa.array(emb.ids, pa.string()),
         "caption": pa.array(first_caption, pa.string()),
         "captions": pa.array(all_captions, pa.list_(pa.string())),
-        "thumbnail": pa.array(list(_thumbnails(dataset, split, emb.ids)), pa.binary()),
+        "thumbnail": pa.array(emb.thumbnails if emb.thumbnails is not None
+                              else list(_thumbnails(dataset, split, emb.ids)), pa.binary()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(emb.image.numpy().astype(np.float32).ravel()), dim),
     })
     captions = pa.table({
@@ -177,7 +175,7 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
                                                       len(emb.captions), ann_threshold)}
         info = IndexInfo(model_tag=loaded.tag, model_source=str(loaded.source), dim=dim, dataset=str(dataset),
                          split=split, images=len(emb.ids), captions=len(emb.captions), search=search,
-                         built_at=time.time())
+                         built_at=time.time(), precision=emb.precision)
         (tmp / INDEX_META).write_text(json.dumps(asdict(info), indent=2))
     return info
 

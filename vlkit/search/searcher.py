@@ -10,13 +10,14 @@ index and the rename of the new one) or cannot be opened, queries raise :class:`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from PIL import Image
@@ -141,6 +142,15 @@ class _Opened:
     images: Any  # lancedb tables
     captions: Any
     transform: Any
+
+
+@contextlib.contextmanager
+def _query_mode(opened: _Opened) -> Iterator[None]:
+    """Inference mode, in the precision the index's embeddings were computed in."""
+    from vlkit.inference.speed import autocast
+
+    with torch.inference_mode(), autocast(opened.info.precision, opened.loaded.device):
+        yield
 
 
 class Searcher:
@@ -270,23 +280,25 @@ class Searcher:
         return self._embed_image(self._current(), data)
 
     @staticmethod
-    @torch.no_grad()
     def _embed_text(opened: _Opened, query: str) -> torch.Tensor:
         if not isinstance(query, str) or not query.strip():
             raise QueryError("the query is empty")
         if len(query) > MAX_QUERY_CHARS:
             raise QueryError(f"the query is too long ({len(query)} characters; at most {MAX_QUERY_CHARS})")
         tokens = opened.loaded.tokenizer([query.strip()])
-        return opened.loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"])[0].float()
+        with _query_mode(opened):
+            vector = opened.loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"])[0].float()
+        return vector.clone()
 
     @staticmethod
-    @torch.no_grad()
     def _embed_image(opened: _Opened, data: bytes) -> torch.Tensor:
         try:
             pixels = opened.transform.normalize(opened.transform(data)[None])  # [1, 3, S, S]
         except (VlkitError, ImageDecodeError) as exc:
             raise QueryError(f"not a readable image: {exc}") from None
-        return opened.loaded.model.encode_image(pixels)[0].float()
+        with _query_mode(opened):
+            vector = opened.loaded.model.encode_image(pixels)[0].float()
+        return vector.clone()
 
     # ----------------------------------------------------------------- searching
     def _query(self, opened: _Opened, table: str, vector: torch.Tensor, k: int, columns: list[str]) -> list[dict]:

@@ -90,10 +90,11 @@ def load_templates(path: str | Path) -> list[str]:
 def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 256) -> Tensor:
     """``[len(texts), dim]`` L2-normalised text embeddings (float32)."""
     out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = loaded.tokenizer(list(texts[start:start + batch_size]))
-        out.append(loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float())
-    return F.normalize(torch.cat(out), dim=-1)
+    with loaded.inference():  # the precision the image embeddings are computed in
+        for start in range(0, len(texts), batch_size):
+            tokens = loaded.tokenizer(list(texts[start:start + batch_size]))
+            out.append(loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float())
+    return F.normalize(torch.cat(out), dim=-1).clone()
 
 
 def build_classifier(loaded: LoadedModel, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
