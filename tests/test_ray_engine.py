@@ -181,8 +181,11 @@ def test_ray_embed_gives_the_local_embeddings(both, model_dir, tmp_path):
     from vlkit.inference.ray_embed import compute_embeddings_ray
 
     _, _, ray_path, _ = both
-    local = compute_embeddings(load_for_inference(model_dir), ray_path, None, batch_size=16)
-    remote = compute_embeddings_ray(model_dir, ray_path, batch_size=4, workers=2)  # 10 parts of 4 rows
+    loaded = load_for_inference(model_dir)
+    local = compute_embeddings(loaded, ray_path, None, batch_size=4, precision="fp32")
+    remote = compute_embeddings_ray(model_dir, ray_path, batch_size=4, workers=2,  # 5 parts of 2 batches
+                                    precision="fp32")
+    assert remote.precision == "fp32"
     assert remote.ids == local.ids and remote.captions == local.captions
     assert torch.equal(remote.caption_image, local.caption_image)
     torch.testing.assert_close(remote.image, local.image, atol=1e-5, rtol=1e-5)
@@ -192,12 +195,14 @@ def test_ray_embed_gives_the_local_embeddings(both, model_dir, tmp_path):
     shutil.copytree(ray_path, target)
     version = lance.dataset(str(target)).version
     assert main(["embed", str(model_dir), "--data", str(target), "--engine", "ray", "--ray-workers", "2",
-                 "--batch-size", "8", "--no-progress"]) == 0
+                 "--batch-size", "8", "--precision", "bf16", "--no-progress"]) == 0
     ds = lance.dataset(str(target))
     assert ds.version == version + 1  # the columns in one commit
+    assert ds.schema.field(IMAGE_COLUMN).metadata[b"vlkit.precision"] == b"bf16"  # --precision reached the actors
     table = ds.to_table(columns=["id", IMAGE_COLUMN, TEXT_COLUMN])
     stored = dict(zip(table.column("id").to_pylist(), table.column(IMAGE_COLUMN).to_pylist()))
-    expected = dict(zip(local.ids, local.image.tolist()))
+    bf16 = compute_embeddings(loaded, ray_path, None, batch_size=8, precision="bf16")
+    expected = dict(zip(bf16.ids, bf16.image.tolist()))
     assert stored.keys() == expected.keys()
     for key, vector in expected.items():
         torch.testing.assert_close(torch.tensor(stored[key]), torch.tensor(vector), atol=1e-5, rtol=1e-5)

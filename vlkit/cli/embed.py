@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         # the actors load the run and read the dataset themselves: absolute paths, whatever their directory
         emb = compute_embeddings_ray(Path(args.run).resolve(), Path(args.data).resolve(), batch_size=args.batch_size,
                                      workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
-                                     num_workers=args.workers, address=args.ray_address)
+                                     num_workers=args.workers, precision=args.precision, address=args.ray_address)
     else:
         emb = compute_embeddings(loaded, args.data, None, batch_size=args.batch_size, num_workers=args.workers,
                                  progress=not args.no_progress)

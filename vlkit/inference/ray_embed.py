@@ -47,10 +47,13 @@ class _OnDevice(nn.Module):
 class _Embedder:
     """The Ray Data actor: loads the model once, then embeds one part of the rows per call."""
 
-    def __init__(self, run: str, dataset: str, batch_size: int, gpu: bool, num_workers: int):
+    def __init__(self, run: str, dataset: str, batch_size: int, gpu: bool, num_workers: int,
+                 precision: str | None = None):
         from vlkit.inference.loading import load_for_inference
 
         self.loaded = load_for_inference(run)
+        if precision is not None:
+            self.loaded = dataclasses.replace(self.loaded, precision=precision)
         if gpu and torch.cuda.is_available():
             self.loaded = dataclasses.replace(self.loaded, model=_OnDevice(self.loaded.model, torch.device("cuda")))
         self.dataset = dataset
@@ -67,18 +70,18 @@ class _Embedder:
                 "image": [emb.image.numpy().astype(np.float32).tobytes()],
                 "text": [emb.text.numpy().astype(np.float32).tobytes()],
                 "caption_image": [emb.caption_image.numpy().astype(np.int64).tobytes()],
-                "captions": [json.dumps(emb.captions)]}
+                "captions": [json.dumps(emb.captions)], "precision": [emb.precision]}
 
 
 def part_rows(rows: int, workers: int, batch_size: int) -> int:
-    """Rows per part: about four parts per worker (so that a slow worker does not hold up the end), at least a
-    batch."""
-    return max(batch_size, -(-rows // (4 * workers)))
+    """Rows per part: about four parts per worker (so that a slow worker does not hold up the end), rounded up
+    to whole batches, so that the batches are those the local engine runs."""
+    return -(-max(1, -(-rows // (4 * workers))) // batch_size) * batch_size
 
 
 def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: int = 64,
                            workers: int | None = None, gpus_per_worker: float = 0, num_workers: int = 0,
-                           address: str | None = None) -> Embeddings:
+                           precision: str | None = None, address: str | None = None) -> Embeddings:
     """Embed every image and caption of ``dataset`` on Ray actors; the same :class:`Embeddings`, in dataset
     order, as :func:`vlkit.inference.embed.compute_embeddings` over every row.
 
@@ -90,6 +93,7 @@ def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: 
         gpus_per_worker: GPUs each actor holds (0: CPU actors).
         num_workers: decoding processes of each actor (a GPU actor needs several to keep its GPU busy); an
             actor reserves ``max(1, num_workers)`` CPUs.
+        precision: what the actors compute in (as for ``compute_embeddings``; ``None``: the model's default).
         address: the cluster to join (default: ``RAY_ADDRESS``, else a local runtime).
 
     Raises:
@@ -124,7 +128,8 @@ def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: 
             parts = data.map_batches(
                 _Embedder, batch_size=1, num_cpus=max(1, num_workers), num_gpus=gpus_per_worker or None,
                 fn_constructor_kwargs=dict(run=str(run), dataset=str(dataset), batch_size=batch_size,
-                                           gpu=bool(gpus_per_worker), num_workers=num_workers),
+                                           gpu=bool(gpus_per_worker), num_workers=num_workers,
+                                           precision=precision),
                 compute=actor_pool(ray, min(workers, len(items)))).take_all()
         except Exception as exc:  # noqa: BLE001  (an actor failed or was lost: one line, nothing written)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -145,6 +150,10 @@ def _gather(parts: list[dict[str, Any]]) -> Embeddings:
         captions += json.loads(part["captions"])
         images.append(np.frombuffer(part["image"], np.float32).reshape(-1, dim))
         texts.append(np.frombuffer(part["text"], np.float32).reshape(-1, dim))
-    return Embeddings(ids=ids, image=torch.from_numpy(np.concatenate(images)),
-                      text=torch.from_numpy(np.concatenate(texts)),
-                      caption_image=torch.from_numpy(np.concatenate(owners)), captions=captions)
+    emb = Embeddings(ids=ids, image=torch.from_numpy(np.concatenate(images)),
+                     text=torch.from_numpy(np.concatenate(texts)),
+                     caption_image=torch.from_numpy(np.concatenate(owners)), captions=captions)
+    precisions = sorted({str(part["precision"]) for part in parts})
+    if precisions:  # what the actors computed in, for the columns' metadata
+        emb.precision = ",".join(precisions)
+    return emb

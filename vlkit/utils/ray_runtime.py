@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Any, Iterator
 
 from vlkit.errors import VlkitError
@@ -49,15 +50,19 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     if ray.is_initialized():
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+        with warnings.catch_warnings():
+            # Ray starts its processes from this one; none of them uses this process's Lance handles
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
