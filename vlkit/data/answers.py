@@ -4,6 +4,10 @@ A vocabulary built with :meth:`AnswerVocab.build` counts every human answer of e
 :func:`vlkit.metrics.vqa.normalize_answer`), keeps those given at least ``min_count`` times, and orders them by
 count, descending, then alphabetically, so the same answers always give the same indices. Its first answer is
 the most common one, the prediction of the majority baseline.
+
+VizWiz's questions that the image cannot answer have the answer :data:`UNANSWERABLE`, an answer like any other,
+so a vocabulary built from VizWiz answers holds it and a model predicts it. Answers copied from the words read in
+the image (TextVQA) are scored by :func:`ocr_targets` beside the vocabulary.
 """
 
 from __future__ import annotations
@@ -162,3 +166,32 @@ class AnswerVocab:
         if counts is not None and (not isinstance(counts, list) or not all(isinstance(c, int) for c in counts)):
             raise VlkitError("answer vocabulary: 'counts' must be a list of integers or null")
         return cls(answers, counts)
+
+
+#: the answer VizWiz gives to a question the image cannot answer (an ordinary answer of the vocabulary)
+UNANSWERABLE = "unanswerable"
+
+
+def ocr_targets(answers: Sequence[str | None], tokens: Sequence[str], slots: int) -> Tensor:
+    """The soft targets of a pointer over OCR tokens: ``min(humans who gave the token / 3, 1)`` at each slot
+    whose token (normalised as answers are) equals a human answer.
+
+    Every slot holding a matching token gets the target (a word read twice is the answer at both places), as
+    M4C's copy targets do; slots beyond the tokens stay 0.
+
+    Args:
+        answers: the human answers of the question.
+        tokens: the question's OCR tokens, in slot order (only the first ``slots`` are used).
+        slots: the pointer's number of slots.
+
+    Returns:
+        ``[slots]`` float32 tensor.
+    """
+    counts = Counter(normalize_answer(a) for a in answers if a is not None)
+    counts.pop("", None)
+    out = torch.zeros(slots, dtype=torch.float32)  # [slots]
+    for k, token in enumerate(list(tokens)[:slots]):
+        count = counts.get(normalize_answer(token), 0)
+        if count:
+            out[k] = min(count / 3, 1.0)
+    return out

@@ -28,8 +28,25 @@ CORE_FIELDS: list[pa.Field] = [
 CORE_NAMES = [f.name for f in CORE_FIELDS]
 
 
+#: Extra columns of question-answering sources with a fixed type: per question (aligned with ``questions``)
+#: whether it can be answered from the image (VizWiz) and its answer type; per image the words an OCR system
+#: read in it (TextVQA). A source whose values do not fit the type gets an inferred column instead.
+QA_EXTRA_TYPES: dict[str, pa.DataType] = {
+    "answerable": pa.list_(pa.bool_()),
+    "answer_type": pa.list_(pa.string()),
+    "ocr_tokens": pa.list_(pa.string()),
+}
+
+
 def extra_field(name: str, values: list[Any]) -> pa.Field:
-    """Arrow field for an extra source column: its inferred type, or JSON text when types disagree."""
+    """Arrow field for an extra source column: its declared type (:data:`QA_EXTRA_TYPES`) when the values fit
+    it, else its inferred type, or JSON text when types disagree."""
+    if name in QA_EXTRA_TYPES and all(v is None or isinstance(v, list) for v in values):
+        try:
+            pa.array(values, type=QA_EXTRA_TYPES[name])
+            return pa.field(name, QA_EXTRA_TYPES[name])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass
     try:
         typ = pa.array(values).type
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):

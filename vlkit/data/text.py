@@ -141,6 +141,51 @@ class TextTokenizer:
         rows = [enc.ids[: self.max_length] for enc in encodings]
         return self._pad(rows)
 
+    def encode_with_words(self, texts: Sequence[str], words: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
+        """Tokenise each text paired with a list of words (e.g. the OCR tokens read in an image) as the second
+        sequence of a pair (``[CLS] text [SEP] words [SEP]`` for the word tokenizer), and find where each word
+        starts.
+
+        The words are joined with spaces; truncation to ``max_length`` takes tokens from the longer sequence
+        first, so a long word list is cut before the text is.
+
+        Args:
+            texts: the texts (e.g. questions).
+            words: for each text, its words (possibly none).
+
+        Returns:
+            ``input_ids`` and ``attention_mask`` as :meth:`__call__` gives them, and ``word_positions``
+            ``[batch, most words]`` int64: the position of each word's first token, -1 for a word cut off by
+            truncation (or a word that gives no token) and for padding.
+
+        Raises:
+            VlkitError: the lists differ in length, or a text cannot be tokenised within ``max_length``.
+        """
+        if isinstance(texts, str) or len(texts) != len(words):
+            raise VlkitError(f"encode_with_words: {len(words)} word lists for {len(texts)} texts")
+        rows, positions = [], []
+        for text, row_words in zip(texts, words):
+            row_words = [w for w in row_words if w and w.strip()]
+            starts, offset = [], 0
+            for w in row_words:
+                starts.append(offset)
+                offset += len(w) + 1
+            try:
+                enc = self._tok.encode(text, " ".join(row_words)) if row_words else self._tok.encode(text)
+            except Exception as exc:
+                raise VlkitError(f"cannot tokenise with max_length={self.max_length}: {exc}") from exc
+            ids = enc.ids[: self.max_length]
+            found = [enc.char_to_token(start, 1) for start in starts]
+            rows.append(ids)
+            positions.append([p if p is not None and p < len(ids) else -1 for p in found])
+        out = self._pad(rows)
+        most = max((len(p) for p in positions), default=0)
+        word_positions = torch.full((len(rows), most), -1, dtype=torch.int64)  # [B, K]
+        for i, p in enumerate(positions):
+            word_positions[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        out["word_positions"] = word_positions
+        return out
+
     def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Right-pad id lists into ids and mask tensors."""
         longest = max((len(r) for r in rows), default=0)

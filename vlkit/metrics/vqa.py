@@ -165,6 +165,11 @@ class VQAMetrics:
         skipped: number of questions left out because they have no human answer.
         per_question_type: accuracy in percent per question type, when types were given.
         per_answer_type: accuracy in percent per answer type (e.g. ``yes/no``, ``number``), when given.
+        answerable_accuracy: accuracy in percent over the scored questions marked answerable (VizWiz), when
+            answerability was given and such questions were scored; else None.
+        unanswerable_accuracy: the same over the questions marked unanswerable.
+        answerable_count: scored questions marked answerable.
+        unanswerable_count: scored questions marked unanswerable.
     """
 
     accuracy: float
@@ -172,13 +177,23 @@ class VQAMetrics:
     skipped: int = 0
     per_question_type: dict[str, float] = field(default_factory=dict)
     per_answer_type: dict[str, float] = field(default_factory=dict)
+    answerable_accuracy: float | None = None
+    unanswerable_accuracy: float | None = None
+    answerable_count: int = 0
+    unanswerable_count: int = 0
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         """The metrics as a flat dict with keys prefixed by ``prefix`` (e.g. ``"val/vqav2/"``).
 
-        Keys: ``accuracy``, ``count``, ``question_type/<type>`` and ``answer_type/<type>`` for each type.
+        Keys: ``accuracy``, ``count``, ``question_type/<type>`` and ``answer_type/<type>`` for each type,
+        ``answerable_accuracy`` and ``unanswerable_accuracy`` (with their counts) when known.
         """
         out = {f"{prefix}accuracy": float(self.accuracy), f"{prefix}count": float(self.count)}
+        for name in ("answerable", "unanswerable"):
+            value = getattr(self, f"{name}_accuracy")
+            if value is not None:
+                out[f"{prefix}{name}_accuracy"] = float(value)
+                out[f"{prefix}{name}_count"] = float(getattr(self, f"{name}_count"))
         out.update({f"{prefix}question_type/{k}": v for k, v in self.per_question_type.items()})
         out.update({f"{prefix}answer_type/{k}": v for k, v in self.per_answer_type.items()})
         return out
@@ -200,10 +215,16 @@ def _per_type(types: Sequence[Any] | None, scores: dict[int, float]) -> dict[str
     return {t: 100.0 * sum(v) / len(v) for t, v in sorted(groups.items())}
 
 
+def _mean_percent(scores: list[float]) -> float | None:
+    return 100.0 * sum(scores) / len(scores) if scores else None
+
+
 def vqa_metrics(predictions: Sequence[str], answers_list: Sequence[Sequence[str | None]],
                 question_types: Sequence[str | None] | None = None,
-                answer_types: Sequence[str | None] | None = None) -> VQAMetrics:
-    """VQA accuracy of predicted answers, overall and per question / answer type.
+                answer_types: Sequence[str | None] | None = None,
+                answerable: Sequence[bool | None] | None = None) -> VQAMetrics:
+    """VQA accuracy of predicted answers, overall, per question / answer type, and on answerable and
+    unanswerable questions apart.
 
     Questions without any human answer cannot be scored: they are left out and counted in ``skipped``.
 
@@ -212,6 +233,8 @@ def vqa_metrics(predictions: Sequence[str], answers_list: Sequence[Sequence[str 
         answers_list: the human answers of each question.
         question_types: optional type of each question (e.g. ``"what color"``) for a per-type breakdown.
         answer_types: optional answer type of each question (e.g. ``"yes/no"``) for a per-type breakdown.
+        answerable: optional answerability of each question (VizWiz's ``answerable``; ``None``: unknown, left
+            out of both groups) for the accuracy on answerable and on unanswerable questions.
 
     Returns:
         The :class:`VQAMetrics`.
@@ -228,12 +251,21 @@ def vqa_metrics(predictions: Sequence[str], answers_list: Sequence[Sequence[str 
         raise VlkitError(f"vqa_metrics: {n} predictions but {len(answers_list)} answer lists")
     _check_types("question_types", question_types, n)
     _check_types("answer_types", answer_types, n)
+    _check_types("answerable", answerable, n)
     scores = {i: vqa_accuracy(p, a) for i, (p, a) in enumerate(zip(predictions, answers_list))
               if any(x is not None for x in a)}
     accuracy = 100.0 * sum(scores.values()) / len(scores) if scores else 0.0
+    groups: dict[bool, list[float]] = {True: [], False: []}
+    if answerable is not None:
+        for i, score in scores.items():
+            if answerable[i] is not None:
+                groups[bool(answerable[i])].append(score)
     return VQAMetrics(accuracy=accuracy, count=len(scores), skipped=n - len(scores),
                       per_question_type=_per_type(question_types, scores),
-                      per_answer_type=_per_type(answer_types, scores))
+                      per_answer_type=_per_type(answer_types, scores),
+                      answerable_accuracy=_mean_percent(groups[True]),
+                      unanswerable_accuracy=_mean_percent(groups[False]),
+                      answerable_count=len(groups[True]), unanswerable_count=len(groups[False]))
 
 
 def soft_targets(answers: Sequence[str | None], vocab: Any) -> list[tuple[int, float]]:

@@ -11,12 +11,19 @@ whose ``forward(images, input_ids, attention_mask, head="answer")`` returns answ
 ``question: ... answer:`` (the task's ``prompt``, with ``{question}`` where the question goes, replaces it):
 trained by teacher forcing on one human answer per question (drawn in proportion to how many people gave it),
 evaluated on the answers it generates, normalised as the official evaluation does.
+
+Datasets with VizWiz's ``answerable`` report the accuracy on answerable and on unanswerable questions apart
+(``vqa_acc_answerable``, ``vqa_acc_unanswerable``; "unanswerable" is an answer of the vocabulary). Datasets
+with TextVQA's ``ocr_tokens`` give the tokens to the model after the question, and a model built with
+``ocr_pointer`` may answer with one of them (see :mod:`vlkit.tasks.vqa_inputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,10 +42,11 @@ from vlkit.modules.losses.captioning import caption_loss
 from vlkit.tasks import register_task
 from vlkit.tasks.base import Task
 from vlkit.tasks.retrieval import _no_sync
+from vlkit.tasks.vqa_inputs import QA_COLUMNS  # noqa: F401 (re-exported: vlkit eval reads it from here)
+from vlkit.tasks.vqa_inputs import (OPTIONAL_QA_COLUMNS, answer_targets, decode_answers, has_pointer, head_inputs,
+                                    qa_columns, question_batch)
 from vlkit.train.distributed import unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
-
-QA_COLUMNS = ["questions", "answers"]
 
 
 def vqa_prompts(questions: list[str], template: str | None = None) -> list[str]:
@@ -64,15 +72,8 @@ def expand_questions(batch: dict[str, Any], pick: random.Random | None = None) -
     Returns:
         ``(image position in the batch, question, human answers)`` as three lists.
     """
-    owner, questions, answers = [], [], []
-    for pos, (qs, ans) in enumerate(zip(batch["questions"], batch["answers"])):
-        qs, ans = list(qs or []), list(ans or [])
-        chosen = range(len(qs)) if pick is None else [pick(batch["index"][pos].item(), len(qs))]
-        for q in chosen:
-            owner.append(pos)
-            questions.append(qs[q])
-            answers.append(list(ans[q] or []) if q < len(ans) else [])
-    return owner, questions, answers
+    qb = question_batch(batch, pick)
+    return qb.owner, qb.questions, qb.answers
 
 
 @register_task("vqa")
@@ -97,7 +98,7 @@ class VQATask(Task):
     def dataset(self, split: str, train: bool) -> LanceImageTextDataset:
         transform = self.preprocess.image_transform(train=train and self.augment)
         return LanceImageTextDataset(self.data.path, split, transform, None, captions="none", seed=self.seed,
-                                     columns=QA_COLUMNS, require=["questions"])
+                                     columns=qa_columns(self.data.path), require=["questions"])
 
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
         return self.shuffled_loader(self.dataset(self.data.train_split, train=True), per_rank_batch)
@@ -105,32 +106,27 @@ class VQATask(Task):
     def _pick(self, index: int, count: int) -> int:
         return random.Random(f"{self.seed}:vqa:{self.train_set.epoch}:{index}").randrange(count)
 
-    def _inputs(self, batch: dict[str, Any], owner: list[int], questions: list[str]):
-        device = self.dist.device
-        tokens = self.tokenizer(questions)
-        images = batch["image"][torch.tensor(owner, dtype=torch.long)]
-        return (images.to(device, non_blocking=True), tokens["input_ids"].to(device, non_blocking=True),
-                tokens["attention_mask"].to(device, non_blocking=True))
-
     # ------------------------------------------------------------------ loss
     def forward_backward(self, model: nn.Module, batch: dict[str, Any], micro_batches: int, autocast,
                          loss_scale: float = 1.0, scaler=None) -> dict[str, float]:
         if is_generative(model):
             return self._generative_step(model, batch, micro_batches, autocast, loss_scale, scaler)
         vocab = self.vocab(model)
-        owner, questions, answers = expand_questions(batch, self._pick)
-        targets = torch.stack([vocab.targets(a) for a in answers]).to(self.dist.device)  # [batch, answers]
-        size = -(-len(owner) // micro_batches)  # micro-batches of questions; the loss is a mean, so weight them
+        qb = question_batch(batch, self._pick)
+        pointer = has_pointer(unwrap(model))
+        size = -(-len(qb) // micro_batches)  # micro-batches of questions; the loss is a mean, so weight them
         total = 0.0
-        starts = list(range(0, len(owner), size))
+        starts = list(range(0, len(qb), size))
         for n, start in enumerate(starts):
-            part = slice(start, start + size)
-            weight = len(owner[part]) / len(owner)
+            part = qb.part(slice(start, start + size))
+            weight = len(part) / len(qb)
+            inputs = head_inputs(self.tokenizer, batch["image"], part, pointer, self.dist.device)
+            targets = answer_targets(vocab, part, inputs).to(self.dist.device)  # [questions, answers (+ slots)]
             sync = _no_sync(model) if n < len(starts) - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
-                    logits = model(*self._inputs(batch, owner[part], questions[part]), head="answer")
-                    loss = vqa_loss(logits.float(), targets[part])
+                    logits = model(*inputs.args, head="answer", **inputs.kwargs)
+                    loss = vqa_loss(logits.float(), targets)
                 scaled = loss * self.cfg.weight * loss_scale * weight
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += float(loss.detach()) * weight
@@ -187,14 +183,39 @@ class VQATask(Task):
             metrics = vqa_metrics([p for p, _ in result], [a for _, a in result])
             return {f"val/{self.key}/vqa_acc": float(metrics.accuracy),
                     f"val/{self.key}/vqa_questions": float(len(result))}
-        result = answer_split(model, self.tokenizer, self.dataset(self.data.val_split, train=False), self.dist,
-                              autocast, batch_size)
+        result = answer_questions(model, self.tokenizer, self.dataset(self.data.val_split, train=False),
+                                  self.dist, autocast, batch_size)
         majority = self.vocab(model).majority()
-        metrics = vqa_metrics([p for p, _ in result], [a for _, a in result])
-        baseline = vqa_metrics([majority] * len(result), [a for _, a in result])
-        return {f"val/{self.key}/vqa_acc": float(metrics.accuracy),
-                f"val/{self.key}/vqa_majority_acc": float(baseline.accuracy),
-                f"val/{self.key}/vqa_questions": float(len(result))}
+        metrics = split_metrics(result)
+        baseline = vqa_metrics([majority] * len(result), [r.answers for r in result])
+        out = {f"val/{self.key}/vqa_acc": float(metrics.accuracy),
+               f"val/{self.key}/vqa_majority_acc": float(baseline.accuracy),
+               f"val/{self.key}/vqa_questions": float(len(result))}
+        if metrics.answerable_accuracy is not None:
+            out[f"val/{self.key}/vqa_acc_answerable"] = float(metrics.answerable_accuracy)
+        if metrics.unanswerable_accuracy is not None:
+            out[f"val/{self.key}/vqa_acc_unanswerable"] = float(metrics.unanswerable_accuracy)
+        return out
+
+
+@dataclass
+class AnsweredQuestion:
+    """One evaluated question: the predicted answer, the human answers, and what the dataset says about it."""
+
+    prediction: str
+    answers: list[str]
+    answerable: bool | None = None
+    answer_type: str | None = None
+
+
+def split_metrics(result: list[AnsweredQuestion]):
+    """:func:`~vlkit.metrics.vqa.vqa_metrics` of answered questions, with answerability and answer types when
+    the dataset has them."""
+    known = any(r.answerable is not None for r in result)
+    typed = any(r.answer_type is not None for r in result)
+    return vqa_metrics([r.prediction for r in result], [r.answers for r in result],
+                       answer_types=[r.answer_type for r in result] if typed else None,
+                       answerable=[r.answerable for r in result] if known else None)
 
 
 def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -239,32 +260,55 @@ def answer_inputs(tokenizer, spec, prompts: list[str], answers: list[str]):
 def answer_split(model: nn.Module, tokenizer, ds: LanceImageTextDataset, dist: DistInfo, autocast,
                  batch_size: int = 64, prompt: str | None = None,
                  settings: dict[str, Any] | None = None) -> list[tuple[str, list[str]]]:
-    """``(predicted answer, human answers)`` for every question of ``ds``, in dataset order: the top answer of
-    the answer head, or the answer a generative model writes after its prompt (``prompt``, ``settings``)."""
+    """``(predicted answer, human answers)`` for every question of ``ds``, in dataset order (see
+    :func:`answer_questions`)."""
+    return [(r.prediction, r.answers)
+            for r in answer_questions(model, tokenizer, ds, dist, autocast, batch_size, prompt, settings)]
+
+
+def _with_optional_columns(ds: LanceImageTextDataset) -> LanceImageTextDataset:
+    """``ds``, or a copy that also reads the optional VQA columns (answerability, OCR tokens) its data has."""
+    wanted = [c for c in qa_columns(ds.path) if c in OPTIONAL_QA_COLUMNS and c not in ds.columns]
+    if not wanted:
+        return ds
+    ds = copy.copy(ds)
+    ds.columns = list(ds.columns) + wanted
+    return ds
+
+
+def answer_questions(model: nn.Module, tokenizer, ds: LanceImageTextDataset, dist: DistInfo, autocast,
+                     batch_size: int = 64, prompt: str | None = None,
+                     settings: dict[str, Any] | None = None) -> list[AnsweredQuestion]:
+    """Every question of ``ds`` answered, in dataset order: the top answer of the answer head (over the
+    vocabulary and, for a model with an OCR pointer, the question's OCR tokens), or the answer a generative
+    model writes after its prompt (``prompt``, ``settings``). The optional VQA columns the dataset has are read
+    even when ``ds`` was opened without them."""
     generative = is_generative(model)
     vocab = None if generative else model_answers(model)
+    ds = _with_optional_columns(ds)
     sampler = DistributedEpochSampler(len(ds), dist.world_size, dist.rank, shuffle=False)
     loader = make_loader(ds, batch_size, sampler, num_workers=0)
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
-    rows: list[tuple[int, list[tuple[str, list[str]]]]] = []
+    rows: list[tuple[int, list[AnsweredQuestion]]] = []
+    pointer = not generative and has_pointer(inner)
     for batch in loader:
-        owner, questions, answers = expand_questions(batch)
-        images = batch["image"][torch.tensor(owner, dtype=torch.long)].to(dist.device)
+        qb = question_batch(batch)
         with autocast:
             if generative:  # the questions go into the prompts, tokenised there
-                written = write_captions(inner, tokenizer, images, vqa_prompts(questions, prompt),
+                images = batch["image"][torch.tensor(qb.owner, dtype=torch.long)].to(dist.device)
+                written = write_captions(inner, tokenizer, images, vqa_prompts(qb.questions, prompt),
                                          **(settings or answer_settings()))
                 predicted = [w[0][0] for w in written]
             else:
-                tokens = tokenizer(questions)
-                logits = inner(images, tokens["input_ids"].to(dist.device), tokens["attention_mask"].to(dist.device),
-                               head="answer")
-                predicted = [vocab.answers[i] for i in logits.float().argmax(dim=-1).tolist()]
+                inputs = head_inputs(tokenizer, batch["image"], qb, pointer, dist.device)
+                logits = inner(*inputs.args, head="answer", **inputs.kwargs)
+                predicted = decode_answers(logits, vocab, inputs.slots)
         per_image: dict[int, list] = {}
-        for pos, pred, ans in zip(owner, predicted, answers):
-            per_image.setdefault(pos, []).append((pred, ans))
+        for i, pos in enumerate(qb.owner):
+            per_image.setdefault(pos, []).append(AnsweredQuestion(predicted[i], qb.answers[i], qb.answerable[i],
+                                                                  qb.answer_types[i]))
         for pos, index in enumerate(batch["index"].tolist()):
             rows.append((index, per_image.get(pos, [])))
     inner.train(was_training)

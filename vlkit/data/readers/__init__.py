@@ -16,6 +16,7 @@ from .folder import read_folder
 from .jsonl import read_jsonl
 from .hf_dataset import is_hf_dataset, read_hf_dataset
 from .parquet import read_parquet
+from .textvqa import is_textvqa, read_textvqa
 from .vqa import read_vqa
 from .webdataset import expand_shards, is_shard_pattern, read_webdataset
 
@@ -27,6 +28,7 @@ READERS: dict[str, Reader] = {
     "jsonl": read_jsonl,
     "folder": read_folder,
     "vqa": read_vqa,
+    "textvqa": read_textvqa,
     "webdataset": read_webdataset,
     "parquet": read_parquet,
     "hf": read_hf_dataset,
@@ -65,6 +67,8 @@ def detect_format(path: Path) -> str:
             raise DataError(f"{path}: not valid JSON ({exc})") from None
         if isinstance(data, list) and data and isinstance(data[0], dict) and "question" in data[0]:
             return "vqa"
+        if is_textvqa(data):
+            return "textvqa"
         if isinstance(data, dict):
             if "questions" in data:
                 return "vqa"
@@ -72,7 +76,7 @@ def detect_format(path: Path) -> str:
                 return "coco"
         raise DataError(
             f"{path}: cannot tell the format of this JSON file "
-            "(expected COCO captions with 'images'/'annotations', or VQA questions); pass --format"
+            "(expected COCO captions with 'images'/'annotations', VQA questions or TextVQA's 'data'); pass --format"
         )
     raise DataError(f"{path}: unknown file type '{suffix}'; pass --format ({', '.join(FORMATS)})")
 

@@ -3,6 +3,10 @@ or the VQA layout ``{"questions": [...], "annotations": [...]}`` joined on ``que
 
 ``answers`` may be a list of strings or of ``{"answer": str}`` objects (the human answers); the images are
 found under the images root by file name, or by a COCO ``image_id`` (``*<id:012d>.jpg``).
+
+VizWiz files (a list of ``{"image", "question", "answers", "answerable", "answer_type"}``) keep, per question,
+``answerable`` (a boolean, in the ``answerable`` column) and ``answer_type`` (``answer_type`` column), both
+lists aligned with the ``questions`` column; a file without them gives no such columns.
 """
 
 from __future__ import annotations
@@ -63,8 +67,19 @@ def _entries(path: Path, data: Any) -> list:
     raise DataError(f"{path}: not a VQA file (expected a list of questions or a 'questions' list)")
 
 
+def _answerable(value: Any) -> bool | None:
+    """VizWiz's ``answerable`` (0/1, or a boolean) as a boolean; None when absent or not one of those."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    return None
+
+
 def read_vqa(path: Path, images_root: Path | None, problems: list[Problem]) -> Iterator[Record]:
     entries = _entries(path, load_json(path))
+    per_question = [k for k in ("answerable", "answer_type")
+                    if any(isinstance(e, dict) and e.get(k) is not None for e in entries)]
     first = next((e.get("image") or e.get("file_name") for e in entries if isinstance(e, dict)), None)
     root = images_root_for(path, images_root, first)
     find = _ImageFinder(root)
@@ -91,4 +106,9 @@ def read_vqa(path: Path, images_root: Path | None, problems: list[Problem]) -> I
                                              root=confinement_root(path, images_root)))
         rec.questions.append(entry["question"].strip())
         rec.answers.append(answers)
+        if "answerable" in per_question:
+            rec.extra.setdefault("answerable", []).append(_answerable(entry.get("answerable")))
+        if "answer_type" in per_question:
+            kind = entry.get("answer_type")
+            rec.extra.setdefault("answer_type", []).append(str(kind) if kind is not None else None)
     yield from records.values()

@@ -20,6 +20,7 @@ from vlkit.modules.fusion.distill import momentum_itc_loss
 from vlkit.modules.fusion.itm import ITMHead, hard_negatives, itm_loss
 from vlkit.modules.fusion.mlm import IGNORE_INDEX, MLMHead, mask_tokens, mlm_loss
 from vlkit.modules.fusion.text_encoder import BidirectionalTextEncoder
+from vlkit.modules.heads.ocr_pointer import OCRPointer
 from vlkit.modules.layers.mlp import MLP
 from vlkit.modules.losses.contrastive import LearnableLogitScale, contrastive_loss
 from vlkit.modules.losses.momentum import FeatureQueue, make_momentum_copy, momentum_update
@@ -53,6 +54,8 @@ class ALBEFConfig:
         distill_alpha: weight of the momentum teacher's soft targets in ITC and MLM (needs ``momentum > 0``).
         mlm_prob: probability of masking each word.
         answers: the answer vocabulary of a VQA classifier head (empty: no head).
+        ocr_pointer: the answer head also scores OCR tokens given after the question (a copy pointer,
+            :class:`~vlkit.modules.heads.ocr_pointer.OCRPointer`; needs ``answers``).
     """
 
     vocab_size: int = 30522
@@ -82,6 +85,7 @@ class ALBEFConfig:
     mlm_prob: float = 0.15
     tie_word_embeddings: bool = True
     answers: list[str] = field(default_factory=list)
+    ocr_pointer: bool = False
     preprocess: Preprocess = field(default_factory=_default_preprocess)
 
 
@@ -143,6 +147,7 @@ class ALBEF(nn.Module):
         self.itm_head = ITMHead(c.text_width)
         self.mlm_head = MLMHead(c.text_width, c.vocab_size, c.act, c.norm_eps, tied=c.tie_word_embeddings)
         self.answer_head = MLP(c.text_width, 2 * c.text_width, c.act, out_dim=len(c.answers)) if c.answers else None
+        self.ocr_pointer = OCRPointer(c.text_width) if c.answers and c.ocr_pointer else None
         self.momentum_encoders: nn.ModuleDict | None = None
         if c.momentum > 0:
             self.momentum_encoders = nn.ModuleDict({name: make_momentum_copy(getattr(self, name))
@@ -212,7 +217,7 @@ class ALBEF(nn.Module):
         if head == "itm":
             return self.itm_scores(images, input_ids, attention_mask)
         if head == "answer":
-            return self.answer_logits(images, input_ids, attention_mask)
+            return self.answer_logits(images, input_ids, attention_mask, **kwargs)
         if head == "cls":
             return self._fused_cls(images, input_ids, attention_mask)
         raise VlkitError(f"unknown ALBEF head {head!r}; choose contrastive, pretrain, itm, answer or cls")
@@ -243,15 +248,22 @@ class ALBEF(nn.Module):
         fused = self.fuse(features, input_ids, attention_mask)[:, 0]  # [batch, text_width]
         return self.itm_head(fused).softmax(dim=-1)[:, 1]
 
-    def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """VQA logits over ``config.answers``, ``[batch, answers]`` (questions as ``input_ids``).
+    def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      ocr_positions: Tensor | None = None) -> Tensor:
+        """VQA logits over ``config.answers``, ``[batch, answers]`` (questions as ``input_ids``), followed by the
+        pointer's ``K`` OCR-token scores, ``[batch, answers + K]``, when ``ocr_positions`` ``[batch, K]`` (where
+        each OCR token starts in ``input_ids``, -1 for none) is given to a model with ``ocr_pointer``.
 
         Raises:
             VlkitError: the model has no answer head (``config.answers`` is empty).
         """
         if self.answer_head is None:
             raise VlkitError("this ALBEF has no answer head: set config.answers")
-        return self.answer_head(self._fused_cls(images, input_ids, attention_mask))
+        fused = self.fuse(self.image_tokens(images), input_ids, attention_mask)  # [batch, L, text_width]
+        logits = self.answer_head(fused[:, 0])  # [batch, answers]
+        if ocr_positions is None or self.ocr_pointer is None:
+            return logits
+        return torch.cat([logits, self.ocr_pointer(fused[:, 0], fused, ocr_positions).to(logits.dtype)], dim=-1)
 
     # ----------------------------------------------------------------- pretraining
     def _word_weight(self, text_encoder: BidirectionalTextEncoder) -> Tensor | None:

@@ -16,6 +16,7 @@ from vlkit.models.preprocess import Preprocess
 from vlkit.modules.fusion.itm import ITMHead, itm_loss, random_negatives
 from vlkit.modules.fusion.mlm import IGNORE_INDEX, MLMHead, mask_tokens, mlm_loss
 from vlkit.modules.fusion.text_encoder import TextEmbeddings
+from vlkit.modules.heads.ocr_pointer import OCRPointer
 from vlkit.modules.layers.mlp import MLP
 from vlkit.modules.layers.patch_embed import PatchEmbed
 from vlkit.modules.layers.pos_embed import resample_grid
@@ -40,6 +41,8 @@ class ViLTConfig:
         width, layers, heads: the transformer.
         mlm_prob: probability of masking each word.
         answers: the answer vocabulary of a VQA classifier head (empty: no head).
+        ocr_pointer: the answer head also scores OCR tokens given after the question (a copy pointer,
+            :class:`~vlkit.modules.heads.ocr_pointer.OCRPointer`; needs ``answers``).
     """
 
     vocab_size: int = 30522
@@ -59,6 +62,7 @@ class ViLTConfig:
     mlm_prob: float = 0.15
     tie_word_embeddings: bool = True
     answers: list[str] = field(default_factory=list)
+    ocr_pointer: bool = False
     preprocess: Preprocess = field(default_factory=_default_preprocess)
 
 
@@ -114,6 +118,7 @@ class ViLT(nn.Module):
         self.itm_head = ITMHead(c.width)
         self.mlm_head = MLMHead(c.width, c.vocab_size, c.act, c.norm_eps, tied=c.tie_word_embeddings)
         self.answer_head = MLP(c.width, 2 * c.width, c.act, out_dim=len(c.answers)) if c.answers else None
+        self.ocr_pointer = OCRPointer(c.width) if c.answers and c.ocr_pointer else None
 
     @property
     def preprocess(self) -> Preprocess:
@@ -165,15 +170,24 @@ class ViLT(nn.Module):
         tokens = self._encode(input_ids, self._mask(input_ids, attention_mask), features)  # [batch, L + N, width]
         return self.itm_head(self.pooler(tokens[:, 0])).softmax(dim=-1)[:, 1]
 
-    def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """VQA logits over ``config.answers``, ``[batch, answers]``.
+    def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      ocr_positions: Tensor | None = None) -> Tensor:
+        """VQA logits over ``config.answers``, ``[batch, answers]``, followed by the pointer's ``K`` OCR-token
+        scores, ``[batch, answers + K]``, when ``ocr_positions`` ``[batch, K]`` (where each OCR token starts in
+        ``input_ids``, -1 for none) is given to a model with ``ocr_pointer``.
 
         Raises:
             VlkitError: the model has no answer head (``config.answers`` is empty).
         """
         if self.answer_head is None:
             raise VlkitError("this ViLT has no answer head: set config.answers")
-        return self.answer_head(self.fused_cls(images, input_ids, attention_mask))
+        tokens = self.fuse(images, input_ids, attention_mask)  # [batch, L + N, width]
+        pooled = self.pooler(tokens[:, 0])  # [batch, width]
+        logits = self.answer_head(pooled)  # [batch, answers]
+        if ocr_positions is None or self.ocr_pointer is None:
+            return logits
+        text = tokens[:, : input_ids.shape[1]]  # [batch, L, width]
+        return torch.cat([logits, self.ocr_pointer(pooled, text, ocr_positions).to(logits.dtype)], dim=-1)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                 head: str = "pretrain", **kwargs: Any) -> ViLTOutput | Tensor:
@@ -191,7 +205,7 @@ class ViLT(nn.Module):
         if head == "itm":
             return self.itm_scores(images, input_ids, attention_mask)
         if head == "answer":
-            return self.answer_logits(images, input_ids, attention_mask)
+            return self.answer_logits(images, input_ids, attention_mask, **kwargs)
         if head == "cls":
             return self.fused_cls(images, input_ids, attention_mask)
         raise VlkitError(f"unknown ViLT head {head!r}; choose pretrain, itm, answer or cls")

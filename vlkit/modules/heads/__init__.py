@@ -1,0 +1,1 @@
+"""Answer heads that sit on top of a fusion encoder's features."""
