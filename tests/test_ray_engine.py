@@ -95,8 +95,9 @@ def test_ray_ingest_gives_the_local_rows(both):
     assert {p.file.rsplit("/", 1)[-1] for p in remote.problems} == {"broken.png", "missing.png"}
     ds = lance.dataset(str(ray_path))
     assert len(ds.get_fragments()) == 5  # one per chunk of 8 records: the chunks were written apart
-    assert ds.version == lance.dataset(str(local_path)).version  # one data commit, then the same index refreshes
-    assert {i.name for i in ds.describe_indices()} == {i.name for i in lance.dataset(str(local_path)).describe_indices()}
+    local_ds = lance.dataset(str(local_path))
+    assert ds.version == local_ds.version  # one data commit, then the same index refreshes
+    assert {i.name for i in ds.describe_indices()} == {i.name for i in local_ds.describe_indices()}
 
 
 def test_ray_append_skips_stored_ids_like_local(both, sources, tmp_path):
