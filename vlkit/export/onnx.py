@@ -164,7 +164,8 @@ def _compare(session: Any, feeds: dict[str, Tensor], expected: Tensor, what: str
 
 
 def export_onnx(loaded: Any, out: str | Path, opset: int = DEFAULT_OPSET, *, inputs: Iterable[str | Path] = (),
-                what: str | None = None, tolerance: float = TOLERANCE, seed: int = 0, card: bool = True) -> ExportReport:
+                what: str | None = None, tolerance: float = TOLERANCE, seed: int = 0,
+                card: bool = True) -> ExportReport:
     """Export ``loaded``'s image and text encoders to ONNX files in ``out``, checked with onnxruntime.
 
     Args:
