@@ -183,3 +183,28 @@ def test_an_unknown_runtime_is_refused(setup):
 
     with pytest.raises(VlkitError, match="runtime must be one of torch, onnx, not 'tensorrt'"):
         load_for_inference(setup["onnx"], runtime="tensorrt")
+
+
+def test_an_index_embedded_in_bf16_gets_a_note(setup, tmp_path, capsys):
+    """onnxruntime embeds in fp32 where the torch runtime follows the index's bf16: same hits, a one-line note,
+    scores apart by bf16 rounding only."""
+    from vlkit.cli import main
+    from vlkit.inference.loading import load_for_inference
+    from vlkit.search.index import build_index
+
+    loaded = load_for_inference(setup["run"])
+    loaded.precision = "bf16"
+    info = build_index(loaded, setup["root"] / "shapes.lance", tmp_path / "index")
+    if getattr(info, "precision", "fp32") != "bf16":
+        pytest.skip("this vlkit builds indexes in fp32 only")
+    results = {}
+    for runtime in ("torch", "onnx"):
+        args = ["search", str(tmp_path / "index"), TEXT, "--k", "4", "--json", "--runtime", runtime]
+        assert main(args + (["--model", str(setup["onnx"])] if runtime == "onnx" else [])) == 0
+        captured = capsys.readouterr()
+        results[runtime] = json.loads(captured.out)["results"]
+        notes = captured.err.strip().splitlines()
+        assert notes == ([] if runtime == "torch" else [notes[0]])
+    assert "the index was embedded in bf16; onnxruntime embeds queries in fp32" in notes[0]
+    assert {h["id"] for h in results["onnx"]} == {h["id"] for h in results["torch"]}
+    assert [h["score"] for h in results["onnx"]] == pytest.approx([h["score"] for h in results["torch"]], abs=2e-2)

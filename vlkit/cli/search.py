@@ -9,6 +9,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 
+#: what --runtime onnx says about an index embedded in bf16
+ONNX_PRECISION_NOTE = ("onnxruntime embeds queries in fp32, while --runtime torch embeds them in the index's "
+                       "precision: scores can differ from its by bf16 rounding")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``search`` subcommand to ``sub``."""
     p = sub.add_parser(
@@ -27,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="what embeds the query: torch (default), or onnx: onnxruntime (pip install "
                    "'vlkit[onnx]'), from an ONNX export given as --model or the model exported at start; same "
-                   "hits and scores. --rerank needs the PyTorch model and is refused with onnx")
+                   "hits and scores (queries in fp32: an index embedded in bf16 gets a note). --rerank needs the PyTorch model and is refused with onnx")
     p.add_argument("--rerank", type=int, metavar="K",
                    help="text queries: re-score the K nearest images (K >= --k, at most 100) with the model's "
                    "image-text matching head (albef-*, blip-*, ...) and return the best --k by it; each score "
@@ -69,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
         require_onnxruntime()  # one line before anything is loaded
     searcher = Searcher(args.index, args.model, runtime=args.runtime)
+    precision = getattr(searcher.info, "precision", "fp32")
+    if args.runtime == "onnx" and precision != "fp32":
+        print(f"vlkit: note: the index was embedded in {precision}; {ONNX_PRECISION_NOTE}", file=sys.stderr)
     reranked = None
     if args.rerank is not None:
         from vlkit.inference.matching import require_matching

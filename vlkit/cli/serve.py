@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="what embeds the queries: torch (default), or onnx: onnxruntime (pip install "
                    "'vlkit[onnx]'), from an ONNX export given as --model (no PyTorch weights needed) or the "
-                   "model exported to a temporary folder at start; same hits and scores. /api/describe (captions) "
+                   "model exported to a temporary folder at start; same hits and scores (queries in fp32: an index "
+                   "embedded in bf16 gets a note). /api/describe (captions) "
                    "needs the PyTorch model and answers that the served model cannot describe images")
     p.add_argument("--allowed-hosts", metavar="HOSTS", default="",
                    help="comma-separated host names or addresses the server answers for besides the loopback "
@@ -142,6 +143,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.host.strip() in ("", "0.0.0.0", "::"):
         print(f"vlkit: note: answering for the hosts {', '.join(hosts)}; pass --allowed-hosts with this machine's "
               "name or address to reach it from others", file=sys.stderr, flush=True)
+    precision = getattr(info, "precision", "fp32")
+    if args.runtime == "onnx" and precision != "fp32":
+        from vlkit.cli.search import ONNX_PRECISION_NOTE
+
+        print(f"vlkit: note: the index was embedded in {precision}; {ONNX_PRECISION_NOTE}", file=sys.stderr,
+              flush=True)
     server = uvicorn.Server(server_config(app, protocol))
     try:
         server.run(sockets=[sock])
