@@ -225,6 +225,8 @@ def test_optim_keys_are_checked():
     assert _problems("optim.beta2_decay=0.5")[0].startswith("optim.beta2_decay: must be between -1 and 0")
     assert _problems("early_stop={metric: val/other/rsum}")[0].startswith("early_stop.metric: 'val/other/rsum'")
     assert _problems("early_stop={metric: val/d/rsum, mode: up}")[0].startswith("early_stop.mode: 'up' is not one")
+    assert _problems("early_stop={metric: val/d/rsum}", "datasets.d.val_split=null")[0].startswith(
+        "early_stop.metric: dataset d has no validation split")
     ok = load_config(None, ["datasets={d: {path: x}}", "tasks=[{name: retrieval, dataset: d}]", "optim.name=sgd",
                             "optim.nesterov=true", "optim.schedule=step", "optim.step_every=5",
                             "early_stop={metric: val/d/rsum, patience: 2}"])

@@ -112,7 +112,7 @@ def validate_config(data: Mapping[str, Any], schema: type = TrainConfig) -> tupl
     """
     from vlkit.modules.losses.registry import loss_names
 
-    return validate(data, schema, {**CHOICES, "tasks.*.loss": loss_names()})
+    return validate(data, schema, {**CHOICES, "tasks.*.loss": CHOICES.get("tasks.*.loss", set()) | loss_names()})
 
 
 # --------------------------------------------------------------------------------------------

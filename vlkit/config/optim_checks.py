@@ -67,3 +67,8 @@ def early_stop_checks(cfg: TrainConfig, problems: list[str]) -> None:
         examples = ", ".join(f"val/{k}/..." for k in keys) or "val/<dataset>/<metric>"
         problems.append(f"early_stop.metric: {metric!r} is not a validation metric of a task's dataset "
                         f"(expected {examples}, e.g. val/{keys[0] if keys else 'data'}/rsum)")
+        return
+    data = cfg.datasets.get(parts[1]) if isinstance(cfg.datasets, dict) else None
+    if data is not None and getattr(data, "val_split", "") is None:
+        problems.append(f"early_stop.metric: dataset {parts[1]} has no validation split (datasets.{parts[1]}."
+                        f"val_split is null), so {metric!r} is never measured")

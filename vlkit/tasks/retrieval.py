@@ -44,7 +44,8 @@ class RetrievalTask(Task):
         super().__init__(key, cfg, data, tokenizer, preprocess, dist, seed, augment)
         self.siglip = SiglipLoss() if cfg.loss == "siglip" else None
         # a plug-in loss (vlkit.modules.losses.registry): fn(image_embeds, text_embeds, scale) over the whole batch
-        self.loss_fn = get_loss("retrieval", cfg.loss).fn if cfg.loss is not None else None
+        # (a task built on this one, registered under another name, finds the losses registered for that name)
+        self.loss_fn = get_loss(cfg.name, cfg.loss).fn if cfg.loss is not None else None
 
     # ------------------------------------------------------------------ data
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
@@ -155,7 +156,7 @@ class RetrievalTask(Task):
         out = {f"val/{self.key}/{name}": float(v) for name, v in metrics.as_dict().items()}
         if self.cfg.metrics:  # registered metrics (vlkit.metrics.registry) over the same predictions
             predictions = {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_image": owner}
-            out.update(compute_metrics("retrieval", self.cfg.metrics, predictions, f"val/{self.key}/"))
+            out.update(compute_metrics(self.cfg.name, self.cfg.metrics, predictions, f"val/{self.key}/"))
         return out
 
     def state(self) -> dict[str, Any]:
