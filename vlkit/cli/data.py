@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="width and height of the square images in pixels, 32 to 1024 (default 64)")
     synth.add_argument("--format", default="png", choices=("png", "jpeg"),
                        help="image files: png (exact colours, default) or jpeg")
+    synth.add_argument("--kind", default="shapes", choices=("shapes", "unanswerable", "text"),
+                       help="shapes (captions, labels, questions; default), unanswerable (shapes with questions "
+                       "about absent objects answered 'unanswerable', with answerable and answer_type as VizWiz "
+                       "has them) or text (words written in the image, 'what word is written?', OCR tokens as "
+                       "TextVQA has them)")
     synth.set_defaults(func=run_synth)
 
 
@@ -83,10 +88,11 @@ def run_synth(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vlkit.data.ingest import ingest
-    from vlkit.data.synth import generate
+    from vlkit.data.synth_qa import generate_kind
 
     out = Path(args.out)
-    jsonl = generate(out, args.n, seed=args.seed, image_size=args.image_size, image_format=args.format)
+    jsonl = generate_kind(out, args.n, args.kind, seed=args.seed, image_size=args.image_size,
+                          image_format=args.format)
     report = ingest([jsonl], out / "synth.lance", progress=False)
     print(f"wrote {args.n} images and {jsonl}")
     print(report.summary())

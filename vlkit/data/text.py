@@ -146,8 +146,8 @@ class TextTokenizer:
         sequence of a pair (``[CLS] text [SEP] words [SEP]`` for the word tokenizer), and find where each word
         starts.
 
-        The words are joined with spaces; truncation to ``max_length`` takes tokens from the longer sequence
-        first, so a long word list is cut before the text is.
+        The words are joined with spaces; truncation to ``max_length`` cuts the words first (the text only
+        when it does not fit alone).
 
         Args:
             texts: the texts (e.g. questions).
@@ -171,7 +171,7 @@ class TextTokenizer:
                 starts.append(offset)
                 offset += len(w) + 1
             try:
-                enc = self._tok.encode(text, " ".join(row_words)) if row_words else self._tok.encode(text)
+                enc = self._encode_pair(text, " ".join(row_words)) if row_words else self._tok.encode(text)
             except Exception as exc:
                 raise VlkitError(f"cannot tokenise with max_length={self.max_length}: {exc}") from exc
             ids = enc.ids[: self.max_length]
@@ -185,6 +185,17 @@ class TextTokenizer:
             word_positions[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
         out["word_positions"] = word_positions
         return out
+
+    def _encode_pair(self, text: str, second: str):
+        """A pair's encoding, truncated in the second sequence (both, longest first, when the text alone is
+        too long)."""
+        if getattr(self, "_pair_tok", None) is None:
+            self._pair_tok = Tokenizer.from_str(self._tok.to_str())
+            self._pair_tok.enable_truncation(max_length=self.max_length, strategy="only_second")
+        try:
+            return self._pair_tok.encode(text, second)
+        except Exception:  # the text leaves no room for the second sequence
+            return self._tok.encode(text, second)
 
     def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Right-pad id lists into ids and mask tensors."""
