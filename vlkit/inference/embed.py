@@ -24,8 +24,7 @@ from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.store import open_dataset, retry_on_conflict, write_lock
 from vlkit.errors import DataError
 from vlkit.inference.loading import LoadedModel
-from vlkit.inference.speed import autocast, prefetch, resolve_precision, to_channels_last
-from vlkit.inference.speed import channels_last as channels_last_mode
+from vlkit.inference.speed import autocast, prefetch, prepared, resolve_precision, to_channels_last
 
 IMAGE_COLUMN = "image_embedding"
 TEXT_COLUMN = "caption_embeddings"
@@ -86,13 +85,14 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
                        batch_size: int = 64, captions: bool = True, columns: Sequence[str] = (),
                        num_workers: int = 0, progress: bool = False, limit: int | None = None,
                        rows: Sequence[int] | None = None, precision: str | None = None, channels_last: bool = True,
-                       prefetch_batches: int = 2, thumbnails: int | None = None) -> Embeddings:
+                       prefetch_batches: int = 2, fold_batch_norms: bool = True,
+                       thumbnails: int | None = None) -> Embeddings:
     """Embed every image (and caption) of ``split`` of ``dataset`` (``None``: every row).
 
     The model runs in inference mode, with bf16 autocast where the hardware has native bf16 (``precision``),
-    channels-last convolutions, and the next batches decoded in a background thread while it runs (see
-    :mod:`vlkit.inference.speed`); ``precision="fp32", channels_last=False, prefetch_batches=0`` is the plain
-    path.
+    channels-last convolutions with batch norms folded into them, and the next batches decoded in a background
+    thread while it runs (see :mod:`vlkit.inference.speed`); ``precision="fp32", channels_last=False,
+    prefetch_batches=0, fold_batch_norms=False`` is the plain path.
 
     Args:
         loaded: the model (see :func:`vlkit.inference.loading.load_for_inference`).
@@ -110,6 +110,7 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
             :attr:`~vlkit.inference.loading.LoadedModel.precision`.
         channels_last: run convolutions in channels-last layout.
         prefetch_batches: batches decoded ahead in a background thread (0: none).
+        fold_batch_norms: fold batch norms into the convolutions they follow for the call (checked to 1e-4).
         thumbnails: also make a JPEG thumbnail of each image with this longer side, from the same decode
             (:attr:`Embeddings.thumbnails`).
 
@@ -141,7 +142,11 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
         batches = tqdm(batches, desc="embed", unit="batch", total=len(loader), dynamic_ncols=True)
     ids, images, texts, owner, caption_text, labels, thumbs = [], [], [], [], [], [], []
     extra: dict[str, list] = {name: [] for name in columns}
-    with torch.inference_mode(), channels_last_mode(model, channels_last) as nhwc, autocast(precision, device):
+    size = ds.transform.image_size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    ready = prepared(model, channels_last=channels_last, fold=fold_batch_norms,
+                     example=lambda: model.encode_image(probe))
+    with torch.inference_mode(), ready as nhwc, autocast(precision, device):
         for batch in batches:
             start = len(ids)
             ids += batch["id"]
