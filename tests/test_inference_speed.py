@@ -223,3 +223,24 @@ def test_a_cnn_model_folds_and_keeps_its_embeddings(tmp_path, synth):
     assert folded == [49]
     torch.testing.assert_close(fast.image, plain.image, atol=1e-4, rtol=1e-3)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 49  # restored
+
+
+# ------------------------------------------------------------------------------------------------ one open
+@pytest.mark.parametrize("task", ["retrieval", "zeroshot", "linear-probe"])
+def test_eval_opens_the_dataset_once(trained_run, synth, monkeypatch, task):
+    """Every check before the evaluation, and the evaluation itself, read one handle of the dataset."""
+    import lance
+
+    from vlkit.eval.evaluate import evaluate
+
+    opened: list[str] = []
+    real = lance.dataset
+
+    def counting(uri, *args, **kwargs):
+        opened.append(str(uri))
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(lance, "dataset", counting)
+    result = evaluate(trained_run[0], task, synth, "test", limit=12, precision="fp32")
+    assert result.metrics and result.dataset == synth
+    assert opened == [str(synth)]

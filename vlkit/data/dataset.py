@@ -32,7 +32,7 @@ import torch
 
 from vlkit.data.decode import ImageDecodeError, max_pixels, set_max_pixels
 from vlkit.data.rows import image_error, reading
-from vlkit.data.store import open_dataset, split_indices
+from vlkit.data.store import OpenedDataset, open_dataset, split_indices
 from vlkit.data.text import TextTokenizer
 from vlkit.data.transforms import ImageError, ImageTransform, mentions_side
 from vlkit.errors import DataError
@@ -44,7 +44,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
     """Images (and captions, labels) of one split of a Lance dataset, batched at read time.
 
     Args:
-        path: the Lance dataset.
+        path: the Lance dataset (a path, or an :class:`~vlkit.data.store.OpenedDataset` used as it is).
         split: the split to read (``None``: every row).
         transform: decodes and augments images; ``None`` gives the raw encoded bytes.
         tokenizer: if given, batches carry ``input_ids`` and ``attention_mask``.
@@ -91,10 +91,13 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
             raise DataError("thumbnails need an evaluation transform and a positive size")
         self.epoch = 0
         ds = open_dataset(path)
+        self._handle = path if isinstance(path, OpenedDataset) else None
         with reading(self.path):
             self._check_rows(ds, columns, require)
-        self._ds: lance.LanceDataset | None = None
-        self._pid = -1
+        self._handle = None  # not carried into worker processes
+        # a handle opened by the command is used in this process rather than opened again
+        self._ds: lance.LanceDataset | None = ds if isinstance(path, OpenedDataset) else None
+        self._pid = os.getpid() if self._ds is not None else -1
 
     def _check_rows(self, ds: lance.LanceDataset, columns: Sequence[str], require: Sequence[str]) -> None:
         """Find the rows of the split (with every ``require`` column non-empty) and check the columns."""
@@ -103,7 +106,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         if missing:
             raise DataError(f"{path}: no column(s) {missing}; columns are {ds.schema.names}")
         self.columns = list(columns)
-        self.offsets: list[int] = split_indices(ds, split)
+        self.offsets: list[int] = self._handle.split(split) if self._handle is not None else split_indices(ds, split)
         for name in require:
             if name not in ds.schema.names:
                 raise DataError(f"{path}: no column '{name}'; columns are {ds.schema.names}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -22,17 +23,59 @@ class DamagedDataset(DataError):
     """A data file the dataset's current version lists is missing; the message names the dataset and file."""
 
 
-def open_dataset(path: str | Path, *, check_files: bool = True) -> lance.LanceDataset:
+class OpenedDataset(os.PathLike):
+    """A dataset opened once for a whole command, accepted wherever a dataset path is.
+
+    Functions that open a dataset (:func:`open_dataset`, :class:`~vlkit.data.dataset.LanceImageTextDataset`)
+    take the handle's open dataset instead of opening it again, and its splits are found once. ``str()`` and
+    ``os.fspath()`` give the path, so messages and worker processes see the path as before.
+
+    Example:
+        >>> data = OpenedDataset.open("coco.lance")
+        >>> require_labels(data, "test"); compute_embeddings(loaded, data, "test")  # one open for both
+    """
+
+    def __init__(self, path: str | Path, ds: lance.LanceDataset):
+        self.path = Path(path)
+        self.ds = ds
+        self._splits: dict[str | None, list[int]] = {}
+
+    @classmethod
+    def open(cls, path: str | Path | OpenedDataset, *, check_files: bool = True) -> OpenedDataset:
+        """Open ``path`` (a handle is returned as it is); errors as :func:`open_dataset`'s."""
+        if isinstance(path, OpenedDataset):
+            return path
+        return cls(path, open_dataset(path, check_files=check_files))
+
+    def split(self, split: str | None) -> list[int]:
+        """Row offsets of ``split`` (:func:`split_indices`), found once per handle."""
+        if split not in self._splits:
+            self._splits[split] = split_indices(self.ds, split)
+        return list(self._splits[split])
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"OpenedDataset({str(self.path)!r}, version={self.ds.version})"
+
+
+def open_dataset(path: str | Path | OpenedDataset, *, check_files: bool = True) -> lance.LanceDataset:
     """Open a Lance dataset, or raise one clear error naming the path.
 
     Args:
-        path: the dataset directory.
+        path: the dataset directory, or an :class:`OpenedDataset` (its dataset is returned, not reopened).
         check_files: also check that every data file of the current version is there (a stat per file).
 
     Raises:
         DataError: no dataset at ``path``, or not a readable Lance dataset.
         DamagedDataset: a data file is missing (see :func:`check_data_files`).
     """
+    if isinstance(path, OpenedDataset):
+        return path.ds
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such dataset (create one with 'vlkit ingest ... --out {path}')")

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import pyarrow.compute as pc
 from torch import Tensor
 
-from vlkit.data.store import open_dataset, split_indices
+from vlkit.data.store import OpenedDataset, open_dataset, split_indices
 from vlkit.errors import DataError, VlkitError
 from vlkit.metrics.classification import ClassificationMetrics
 from vlkit.metrics.retrieval import RetrievalMetrics, retrieval_metrics
@@ -108,9 +108,10 @@ def dataset_name(path: str | Path) -> str:
     return path.stem if path.suffix == ".lance" else path.name
 
 
-def _require_captions(dataset: str | Path, split: str, task: str = "retrieval", limit: int | None = None) -> None:
+def _require_captions(dataset: str | Path | OpenedDataset, split: str, task: str = "retrieval",
+                      limit: int | None = None) -> None:
     ds = open_dataset(dataset)
-    offsets = split_indices(ds, split)[:limit]
+    offsets = (dataset.split(split) if isinstance(dataset, OpenedDataset) else split_indices(ds, split))[:limit]
     captions = ds.take(offsets, columns=["captions"]).column("captions")
     if not (pc.sum(pc.list_value_length(captions)).as_py() or 0):
         which = f"the first {limit} images of split '{split}' have" if limit is not None else f"split '{split}' has"
@@ -123,7 +124,8 @@ def _require_questions(dataset: str | Path, split: str) -> None:
     ds = open_dataset(dataset)
     if "questions" not in ds.schema.names:
         raise DataError(f"{dataset}: no questions; VQA needs a dataset ingested from VQA questions")
-    questions = ds.take(split_indices(ds, split), columns=["questions"]).column("questions")
+    offsets = dataset.split(split) if isinstance(dataset, OpenedDataset) else split_indices(ds, split)
+    questions = ds.take(offsets, columns=["questions"]).column("questions")
     if not (pc.sum(pc.list_value_length(questions)).as_py() or 0):
         raise DataError(f"{dataset}: split '{split}' has no questions")
 
@@ -325,14 +327,15 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     if precision not in PRECISIONS:
         raise VlkitError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     start = time.perf_counter()
-    dataset = Path(dataset)
-    split_indices(open_dataset(dataset), split)  # the dataset and the split exist
+    data = OpenedDataset.open(dataset)  # opened once for every check and the evaluation itself
+    dataset = data.path
+    data.split(split)  # the split exists
     if task in ("retrieval", "captioning"):
-        _require_captions(dataset, split, task, limit if task == "captioning" else None)
+        _require_captions(data, split, task, limit if task == "captioning" else None)
     elif task == "vqa":
-        _require_questions(dataset, split)
+        _require_questions(data, split)
     else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
-        require_labels(dataset, split, "zero-shot classification" if task == "zeroshot" else "the linear probe")
+        require_labels(data, split, "zero-shot classification" if task == "zeroshot" else "the linear probe")
     loaded = load_for_inference(model_path)
     loaded.precision = precision
     if task == "captioning":
@@ -344,25 +347,25 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     base = dict(task=task, dataset=dataset, split=split, model=str(loaded.source), model_tag=loaded.tag)
     prefix = f"{split}/{dataset_name(dataset)}/"
     if task == "retrieval":
-        result = _evaluate_retrieval(loaded, dataset, split, base, prefix, common, rerank, rerank_score)
+        result = _evaluate_retrieval(loaded, data, split, base, prefix, common, rerank, rerank_score)
     elif task == "zeroshot":
         from vlkit.tasks.zeroshot import evaluate_zeroshot
 
-        zs = evaluate_zeroshot(loaded, dataset, split, templates=templates, **common)
+        zs = evaluate_zeroshot(loaded, data, split, templates=templates, **common)
         details = {"images": zs.metrics.num_samples, **class_details(zs.class_names, zs.labels),
                    "templates": zs.templates}
         result = EvalResult(**base, metrics=zs.metrics.as_dict(prefix), details=details, embeddings=zs.embeddings,
                             classification=zs.metrics, class_names=zs.class_names, scores=zs.scores,
                             labels=zs.labels)
     elif task == "vqa":
-        result = _evaluate_vqa(loaded, dataset, split, base, prefix, batch_size, limit, settings, prompt)
+        result = _evaluate_vqa(loaded, data, split, base, prefix, batch_size, limit, settings, prompt)
     elif task == "captioning":
-        result = _evaluate_captioning(loaded, dataset, split, base, prefix, batch_size, limit, settings, prompt,
+        result = _evaluate_captioning(loaded, data, split, base, prefix, batch_size, limit, settings, prompt,
                                       spice, progress)
     else:
         from vlkit.tasks.linear_probe import evaluate_linear_probe
 
-        lp = evaluate_linear_probe(loaded, dataset, split, train_split=train_split, **common)
+        lp = evaluate_linear_probe(loaded, data, split, train_split=train_split, **common)
         details = {"images": lp.metrics.num_samples, **class_details(lp.class_names, lp.labels),
                    "train_split": train_split,
                    "train_images": lp.fit.num_train, "C": lp.fit.c,
