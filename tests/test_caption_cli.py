@@ -266,6 +266,29 @@ def test_caption_refuses_bad_input_in_one_line(tiny, tmp_path, capsys):
         assert err.startswith("vlkit: error: ")
 
 
+def test_caption_and_ask_decode_each_image_once(tiny, tmp_path, capsys, monkeypatch):
+    """Files are checked from their headers before the model loads, then decoded once; a file whose body does
+    not decode is named in one line before any caption is written."""
+    from vlkit.data import transforms
+
+    calls = []
+    real = transforms.decode_rgb_scaled
+    monkeypatch.setattr(transforms, "decode_rgb_scaled", lambda *a, **k: calls.append(1) or real(*a, **k))
+    paths = [str(p) for p in tiny["images"][:3]]
+    assert main(["caption", str(tiny["model"]), *paths, "--beams", "1", "--json"]) == 0
+    assert len(calls) == 3
+    calls.clear()
+    assert main(["ask", str(tiny["model"]), paths[0], "what colour is it?", "--json"]) == 0
+    assert len(calls) == 1
+    capsys.readouterr()
+    whole = jpeg_bytes(size=(60, 50))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) // 2])  # a valid header, half a body
+    assert main(["caption", str(tiny["model"]), paths[0], str(cut)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "cut.jpg" in captured.err
+
+
 # --------------------------------------------------------------------------- vlkit ask, generative
 def test_ask_a_generative_model_answers_by_generation(tiny, loaded, capsys):
     from vlkit.inference.captions import write_captions

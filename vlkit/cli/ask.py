@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.errors import VlkitError
     from vlkit.inference.interface import is_generative
     from vlkit.inference.loading import load_for_inference
-    from vlkit.search.searcher import decode_image
+    from vlkit.cli.caption import decode_images, read_images
     from vlkit.tasks.vqa import model_answers
 
     if not args.question.strip():
@@ -66,16 +66,12 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.image)
     if not path.is_file():
         raise VlkitError(f"{path}: no such image file")
-    data = path.read_bytes()
-    try:
-        decode_image(data)  # one clear line for a file that is not an image or is over the pixel limit
-    except VlkitError as exc:
-        raise VlkitError(f"{path}: {exc}") from None
     if args.max_new_tokens < 1:
         raise VlkitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    data = read_images([str(path)])[0]  # one clear line for a file that is not an image or over the pixel limit
     loaded = load_for_inference(args.run)
     transform = loaded.model.preprocess.image_transform(train=False)
-    pixels = transform.normalize(transform(data)[None])  # [1, 3, S, S]
+    pixels = transform.normalize(decode_images([data], [str(path)], transform)[0][None])  # [1, 3, S, S], one decode
     if is_generative(loaded.model):
         prompt = args.prompt if args.prompt is not None else loaded.generation.vqa_prompt  # the trained template
         answers = generated_answers(loaded, pixels, args.question, args.top, prompt, args.max_new_tokens)

@@ -82,14 +82,14 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def read_images(paths: list[str]) -> list[bytes]:
-    """The bytes of each image file, each checked (exists, is an image, within the pixel limit) before any
-    model is loaded.
+    """The bytes of each image file, each checked from its header (exists, is an image, within the pixel limit)
+    before any model is loaded; the pixels are decoded once, later, by :func:`decode_images`.
 
     Raises:
         VlkitError: one line naming the first bad file and why.
     """
     from vlkit.errors import VlkitError
-    from vlkit.search.searcher import decode_image
+    from vlkit.search.searcher import check_image
 
     out = []
     for name in paths:
@@ -98,10 +98,29 @@ def read_images(paths: list[str]) -> list[bytes]:
             raise VlkitError(f"{path}: no such image file")
         data = path.read_bytes()
         try:
-            decode_image(data)  # not an image, or over the pixel limit: one clear line
+            check_image(data)  # not an image, or over the pixel limit: one clear line
         except VlkitError as exc:
             raise VlkitError(f"{path}: {exc}") from None
         out.append(data)
+    return out
+
+
+def decode_images(images: list[bytes], names: list[str], transform) -> list:
+    """Each image decoded once and transformed for the model (uint8 ``[3, S, S]``), all of them before any
+    caption is written, so a file whose body does not decode is named before any work.
+
+    Raises:
+        VlkitError: one line naming the first file that does not decode.
+    """
+    from vlkit.data.decode import ImageDecodeError
+    from vlkit.errors import VlkitError
+
+    out = []
+    for name, data in zip(names, images):
+        try:
+            out.append(transform(data))
+        except (VlkitError, ImageDecodeError) as exc:
+            raise VlkitError(f"{name}: not a readable image: {exc}") from None
     return out
 
 
@@ -124,14 +143,14 @@ def run(args: argparse.Namespace) -> int:
                          f"{settings['num_beams']}; pass --beams {args.num_captions}) or --sample")
     prompt = args.prompt if args.prompt is not None else loaded.generation.prompt
     transform = model.preprocess.image_transform(train=False)
+    decoded = decode_images(images, args.images, transform)
     generator = None
     if args.seed is not None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(args.seed)
     written: list[list[tuple[str, float]]] = []
     for start in range(0, len(images), args.batch_size):
-        batch = images[start:start + args.batch_size]
-        pixels = transform.normalize(torch.stack([transform(data) for data in batch]))  # [batch, 3, S, S]
+        pixels = transform.normalize(torch.stack(decoded[start:start + args.batch_size]))  # [batch, 3, S, S]
         written += write_captions(model, loaded.tokenizer, pixels, prompt, generator=generator, **settings)
     if args.json:
         print(json.dumps({"model": str(loaded.source), "model_tag": loaded.tag, "prompt": prompt,

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
-from PIL import Image
 
-from vlkit.data.decode import ImageDecodeError, ImageTooLarge, decode_rgb, open_image
+from vlkit.data.decode import ImageDecodeError, ImageTooLarge, open_image
 from vlkit.errors import VlkitError
 from vlkit.search.index import CAPTIONS_TABLE, IMAGES_TABLE, INDEX_META, IndexInfo, read_index_info
 from vlkit.inference.loading import LoadedModel, load_for_inference
@@ -121,15 +120,6 @@ def check_image(data: bytes) -> tuple[int, int]:
     except ImageDecodeError as exc:
         raise QueryError(f"not a readable image: {exc}") from None
     return img.size
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """The uploaded bytes as an RGB image (bounded by the pixel limit), or a :class:`QueryError` saying why not."""
-    check_image(data)
-    try:
-        return decode_rgb(data)
-    except ImageDecodeError as exc:
-        raise QueryError(f"not a readable image: {exc}") from None
 
 
 @dataclass(frozen=True)
