@@ -6,10 +6,10 @@ colour that is not in the image (``"what color is the triangle?"`` with no trian
 ``"unanswerable"``. Every JSONL line has, per question, ``answerable`` (false for those) and ``answer_type``
 (``yes/no``, ``number``, ``other`` or ``unanswerable``), as VizWiz annotations do.
 
-``text``: one or two words from :data:`WORDS` drawn in black (white on dark grey) on a plain background beside a shape, with the
-question ``"what word is written?"`` (one word) or ``"what word is written on the left?"`` / ``"... on the
-right?"`` (two words side by side), and ``ocr_tokens``: the words in reading order (left to right), as an OCR
-system would read them. The captions name the words, so a word-level tokenizer built from the captions knows
+``text``: one or two words from :data:`WORDS` drawn in black (white on dark grey) on a plain background beside a
+shape, with the question ``"what word is written?"`` (one word) or ``"what word is written on the left?"`` /
+``"... on the right?"`` (two words side by side), and ``ocr_tokens``: the words in reading order (left to
+right), as an OCR system would read them. The captions name the words, so a word-level tokenizer built from the captions knows
 them.
 
 Both write ``out_dir/images/`` and ``out_dir/synth.jsonl`` as :func:`vlkit.data.synth.generate` does (temporary

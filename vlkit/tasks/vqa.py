@@ -24,7 +24,7 @@ import contextlib
 import copy
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,8 @@ def model_answers(model: nn.Module) -> AnswerVocab:
     return AnswerVocab(answers)
 
 
-def expand_questions(batch: dict[str, Any], pick: random.Random | None = None) -> tuple[list[int], list[str], list[list[str]]]:
+def expand_questions(batch: dict[str, Any], pick: Callable[[int, int], int] | None = None
+                     ) -> tuple[list[int], list[str], list[list[str]]]:
     """Questions of a batch: one per image drawn with ``pick``, or all of them (``pick=None``).
 
     Returns:
