@@ -16,6 +16,7 @@ from .folder import read_folder
 from .jsonl import read_jsonl
 from .hf_dataset import is_hf_dataset, read_hf_dataset
 from .parquet import read_parquet
+from .snli_ve import is_snli_ve, read_snli_ve
 from .textvqa import is_textvqa, read_textvqa
 from .vqa import read_vqa
 from .webdataset import expand_shards, is_shard_pattern, read_webdataset
@@ -32,6 +33,7 @@ READERS: dict[str, Reader] = {
     "webdataset": read_webdataset,
     "parquet": read_parquet,
     "hf": read_hf_dataset,
+    "snli-ve": read_snli_ve,
 }
 FORMATS = tuple(READERS)
 COLUMN_READERS = ("parquet", "hf")
@@ -58,7 +60,7 @@ def detect_format(path: Path) -> str:
     if suffix in (".csv", ".tsv", ".txt"):
         return "csv"
     if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
+        return "snli-ve" if is_snli_ve(path) else "jsonl"
     if suffix == ".json":
         try:
             with open(path, encoding="utf-8") as fh:
