@@ -144,3 +144,6 @@ def test_tiny_albef_learns_answerable_and_unanswerable_questions(unanswerable_da
     # the majority answer is "unanswerable": it scores 100% on those and 0% on the others
     assert acc > majority + 15
     assert no > 50.0 and yes > 20.0
+    # per answer type too; the synthetic "unanswerable" type is exactly the unanswerable questions
+    assert m["val/qa/vqa_acc_type_unanswerable"] == pytest.approx(no)
+    assert {"val/qa/vqa_acc_type_yes_no", "val/qa/vqa_acc_type_number", "val/qa/vqa_acc_type_other"} <= set(m)

@@ -13,7 +13,8 @@ trained by teacher forcing on one human answer per question (drawn in proportion
 evaluated on the answers it generates, normalised as the official evaluation does.
 
 Datasets with VizWiz's ``answerable`` report the accuracy on answerable and on unanswerable questions apart
-(``vqa_acc_answerable``, ``vqa_acc_unanswerable``; "unanswerable" is an answer of the vocabulary). Datasets
+(``vqa_acc_answerable``, ``vqa_acc_unanswerable``; "unanswerable" is an answer of the vocabulary), and those
+with ``answer_type`` the accuracy per answer type (``vqa_acc_type_yes_no``, ``vqa_acc_type_number``, ...). Datasets
 with TextVQA's ``ocr_tokens`` give the tokens to the model after the question, and a model built with
 ``ocr_pointer`` may answer with one of them (see :mod:`vlkit.tasks.vqa_inputs`).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -196,6 +198,8 @@ class VQATask(Task):
             out[f"val/{self.key}/vqa_acc_answerable"] = float(metrics.answerable_accuracy)
         if metrics.unanswerable_accuracy is not None:
             out[f"val/{self.key}/vqa_acc_unanswerable"] = float(metrics.unanswerable_accuracy)
+        for kind, acc in metrics.per_answer_type.items():  # "yes/no" -> vqa_acc_type_yes_no
+            out[f"val/{self.key}/vqa_acc_type_{re.sub(r'[^0-9A-Za-z]+', '_', kind).strip('_')}"] = float(acc)
         return out
 
 
