@@ -31,6 +31,7 @@ class ImageInfo:
     width: int
     height: int
     format: str
+    second: "ImageInfo | None" = None  # a row's second image (pairs such as NLVR2's left and right)
 
 
 def format_bytes(n: int) -> str:

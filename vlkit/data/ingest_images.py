@@ -34,7 +34,20 @@ class CheckedImage:
 
 def _read(rec: Record, prior: ImageInfo | CheckedImage | None, confine: bool,
           max_bytes: int) -> ImageInfo | ImageProblem:
-    """``rec``'s image: ``prior`` when it holds the bytes, else read (and decoded only if never checked)."""
+    """``rec``'s image: ``prior`` when it holds the bytes, else read (and decoded only if never checked); a
+    row's second image (``rec.image2_path``) is read and decoded beside it, under the same root and limits."""
+    first = _read_first(rec, prior, confine, max_bytes)
+    if rec.image2_path is None or isinstance(first, ImageProblem) or first.second is not None:
+        return first
+    try:
+        first.second = read_image(rec.image2_path, root=rec.root if confine else None, max_bytes=max_bytes)
+    except ImageProblem as exc:
+        return ImageProblem(f"second image {rec.image2_path}: {exc}")
+    return first
+
+
+def _read_first(rec: Record, prior: ImageInfo | CheckedImage | None, confine: bool,
+                max_bytes: int) -> ImageInfo | ImageProblem:
     if isinstance(prior, ImageInfo):
         return prior
     root = rec.root if confine else None
@@ -98,8 +111,8 @@ def keep_checked(found: Iterator[tuple[Record, object]], problems: list[Problem]
         if isinstance(image, ImageProblem):
             problems.append(problem(rec, image))
             out.append(None)
-        elif kept + len(image.data) <= budget:
-            kept += len(image.data)
+        elif kept + len(image.data) + len(image.second.data if image.second else b"") <= budget:
+            kept += len(image.data) + len(image.second.data if image.second else b"")
             out.append(image)
         else:
             out.append(CheckedImage(image.width, image.height, image.format, hashlib.sha256(image.data).digest()))

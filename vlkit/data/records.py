@@ -27,6 +27,8 @@ class Record:
             datasets): a function of the byte limit that returns them, raising
             :class:`~vlkit.data.images.ImageProblem` when they are larger; ``image_path`` then only names
             them in reports and the ``source`` column.
+        image2_path: the second image of a row of two images (NLVR2's right image), read and checked like the
+            first inside the same ``root``; None for a single-image row.
     """
 
     id: str
@@ -41,6 +43,7 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None
     image_data: Callable[[int], bytes] | None = None
+    image2_path: Path | None = None
 
     def merge(self, other: "Record") -> None:
         """Fold another record of the same image (e.g. its VQA questions) into this one."""

@@ -27,6 +27,17 @@ CORE_FIELDS: list[pa.Field] = [
 ]
 CORE_NAMES = [f.name for f in CORE_FIELDS]
 
+#: Columns of datasets whose rows hold two images (NLVR2's left and right): ``image`` keeps the first, so every
+#: reader of single images works unchanged, and these hold the second. Only datasets that have such rows get them.
+PAIR_FIELDS: list[pa.Field] = [
+    lance.blob_field("image2"),
+    pa.field("width2", pa.int32()),
+    pa.field("height2", pa.int32()),
+    pa.field("source2", pa.string()),
+]
+PAIR_NAMES = [f.name for f in PAIR_FIELDS]
+BLOB_NAMES = ("image", "image2")
+
 
 #: Extra columns of question-answering sources with a fixed type: per question (aligned with ``questions``)
 #: whether it can be answered from the image (VizWiz) and its answer type; per image the words an OCR system
@@ -68,13 +79,20 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     columns = {}
     for f in schema:
         values = [row.get(f.name) for row in rows]
-        if f.name == "image":
-            columns[f.name] = pa.array([{"data": v} for v in values], type=f.type)
+        if f.name in BLOB_NAMES:
+            # a row without a second image holds a null ``image2``
+            columns[f.name] = pa.array([{"data": v} if f.name == "image" or v is not None else None
+                                        for v in values], type=f.type)
         elif (f.metadata or {}).get(b"vlkit.encoding") == b"json":
             columns[f.name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
         else:
             columns[f.name] = pa.array(values, type=f.type)
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def has_pairs(schema: pa.Schema) -> bool:
+    """Whether a dataset of ``schema`` can hold rows of two images (it has the ``image2`` column)."""
+    return "image2" in schema.names
 
 
 def class_names(schema: pa.Schema) -> list[str]:

@@ -14,6 +14,7 @@ from .coco import read_coco
 from .csv_captions import read_csv
 from .folder import read_folder
 from .jsonl import read_jsonl
+from .nlvr2 import is_nlvr2, read_nlvr2
 from .hf_dataset import is_hf_dataset, read_hf_dataset
 from .parquet import read_parquet
 from .snli_ve import is_snli_ve, read_snli_ve
@@ -29,6 +30,7 @@ READERS: dict[str, Reader] = {
     "jsonl": read_jsonl,
     "folder": read_folder,
     "vqa": read_vqa,
+    "nlvr2": read_nlvr2,
     "textvqa": read_textvqa,
     "webdataset": read_webdataset,
     "parquet": read_parquet,
@@ -59,6 +61,8 @@ def detect_format(path: Path) -> str:
         return "parquet"
     if suffix in (".csv", ".tsv", ".txt"):
         return "csv"
+    if suffix in (".jsonl", ".ndjson", ".json") and is_nlvr2(path):  # NLVR2's .json files are JSON lines
+        return "nlvr2"
     if suffix in (".jsonl", ".ndjson"):
         return "snli-ve" if is_snli_ve(path) else "jsonl"
     if suffix == ".json":
