@@ -58,6 +58,8 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         require: list columns that must be non-empty for a row to be used (e.g. ``["questions"]`` for VQA).
         thumbnails: also return a JPEG thumbnail of each image with this longer side (``thumbnail``, a list of
             bytes), made from the same decode as the image (an evaluation transform only).
+        pairs: also return each row's second image (``image2``, as ``image``: NLVR2's right image), transformed
+            with the same rules (no flip when the text names a side); only rows that have one are used.
 
     Example:
         >>> ds = LanceImageTextDataset("coco.lance", "train", ImageTransform(224, train=True), tok)
@@ -76,6 +78,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         columns: Sequence[str] = (),
         require: Sequence[str] = (),
         thumbnails: int | None = None,
+        pairs: bool = False,
     ):
         if captions not in ("random", "first", "longest", "all", "none"):
             raise DataError(f"captions must be random, first, longest, all or none, not '{captions}'")
@@ -87,6 +90,7 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.normalize = normalize
         self.thumbnails = thumbnails
+        self.pairs = pairs
         if thumbnails is not None and (transform is None or transform.train or thumbnails < 1):
             raise DataError("thumbnails need an evaluation transform and a positive size")
         self.epoch = 0
@@ -114,6 +118,14 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
             self.offsets = [i for i in self.offsets if values[i].is_valid and len(values[i]) > 0]
             if not self.offsets:
                 raise DataError(f"{path}: no rows of split '{split}' have {name}")
+        if self.pairs:
+            if "image2" not in ds.schema.names:
+                raise DataError(f"{path}: no second images (column 'image2'); pairs need a dataset of image "
+                                "pairs, e.g. one ingested from NLVR2")
+            second = ds.to_table(columns=["image2"]).column("image2")  # blob descriptions, not the bytes
+            self.offsets = [i for i in self.offsets if second[i].is_valid]
+            if not self.offsets:
+                raise DataError(f"{path}: no rows of split '{split}' have a second image")
         if captions != "none":
             counts = ds.to_table(columns=["captions"]).column("captions")
             lengths = [len(counts[i]) if counts[i].is_valid else 0 for i in self.offsets]
@@ -165,11 +177,12 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
             ds = self._dataset()
             rows = ds.take(offsets, columns=names).to_pydict()
             blobs = ds.read_blobs("image", indices=offsets, preserve_order=True)
+            seconds = ds.read_blobs("image2", indices=offsets, preserve_order=True) if self.pairs else None
         batch: dict[str, Any] = {
             "index": torch.tensor(list(indices), dtype=torch.long),
             "id": rows["id"],
         }
-        texts, caption_image, images, thumbs = [], [], [], []
+        texts, caption_image, images, thumbs, images2 = [], [], [], [], []
         for pos, (offset, caps, (_, data)) in enumerate(zip(offsets, rows["captions"], blobs)):
             rng = self._rng(offset)
             caps = caps or []
@@ -190,7 +203,13 @@ class LanceImageTextDataset(torch.utils.data.Dataset):
                 thumbs.append(thumb)
             else:
                 images.append(data if self.transform is None else self._image(data, rng, allow_flip, rows["id"][pos]))
+            if seconds is not None:  # the second image draws its augmentation after the first, from the same rng
+                data2 = seconds[pos][1]
+                images2.append(data2 if self.transform is None
+                               else self._image(data2, rng, allow_flip, rows["id"][pos]))
         batch["image"] = images if self.transform is None else self._stack(images)
+        if seconds is not None:
+            batch["image2"] = images2 if self.transform is None else self._stack(images2)
         if self.thumbnails is not None:
             batch["thumbnail"] = thumbs
         if self.captions != "none":
