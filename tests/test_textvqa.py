@@ -180,3 +180,30 @@ def test_the_pointer_copies_words_never_seen_in_training(pointer_run, tmp_path, 
           "right by the OCR pointer")
     # no vocabulary answer can be right here; choosing a word of the image at random is right about 60% of the time
     assert right / len(result) > 0.85, [(r.prediction, r.answers) for r in result[:10]]
+
+
+def test_a_generative_model_reads_the_ocr_tokens_in_its_prompt(tmp_path, monkeypatch):
+    from vlkit.config.load import load_config
+    from vlkit.data.synth_qa import generate_kind
+    from vlkit.tasks import vqa as vqa_task
+    from vlkit.train.trainer import Trainer
+
+    jsonl = generate_kind(tmp_path / "d", 48, "text", seed=5)
+    tokens_of = {}
+    for line in jsonl.read_text().splitlines():
+        row = json.loads(line)
+        for q in row["questions"]:
+            tokens_of.setdefault(q, set()).add(" ".join(row["ocr_tokens"]))
+    ingest([jsonl], tmp_path / "d.lance", progress=False, val_fraction=0.25, test_fraction=0.0)
+    seen: list[str] = []
+    original = vqa_task.vqa_prompts
+    monkeypatch.setattr(vqa_task, "vqa_prompts", lambda qs, t=None: seen.extend(qs) or original(qs, t))
+    cfg = load_config(None, [f"datasets={{qa: {{path: {tmp_path / 'd.lance'}}}}}", "tasks=[{name: vqa, dataset: qa}]",
+                             f"output_dir={tmp_path / 'run'}", "batch_size=16", "epochs=1", "model.name=coca-tiny",
+                             "progress=false", "tensorboard=false", "precision=fp32", "eval_every=100000",
+                             "save_every=100000"])
+    metrics = Trainer(cfg).run()
+    assert "val/qa/vqa_acc" in metrics and seen
+    for text in seen:  # training and evaluation prompts: "<question> ocr: <the image's tokens>"
+        question, ocr = text.split(" ocr: ")
+        assert ocr in tokens_of[question]

@@ -8,7 +8,8 @@ the standard VQA accuracy (with the official answer normalisation) beside the ma
 The model is either a fusion model built with ``answers`` (the trainer does this for a config with a VQA task),
 whose ``forward(images, input_ids, attention_mask, head="answer")`` returns answer logits, or a generative model
 (a text decoder, see :mod:`vlkit.inference.interface`) that writes the answer after a prompt
-``question: ... answer:`` (the task's ``prompt``, with ``{question}`` where the question goes, replaces it):
+``question: ... answer:`` (the task's ``prompt``, with ``{question}`` where the question goes, replaces it;
+OCR tokens, where the dataset has them, follow the question there as ``... ocr: tok tok``):
 trained by teacher forcing on one human answer per question (drawn in proportion to how many people gave it),
 evaluated on the answers it generates, normalised as the official evaluation does.
 
@@ -46,7 +47,7 @@ from vlkit.tasks.base import Task
 from vlkit.tasks.retrieval import _no_sync
 from vlkit.tasks.vqa_inputs import QA_COLUMNS  # noqa: F401 (re-exported: vlkit eval reads it from here)
 from vlkit.tasks.vqa_inputs import (OPTIONAL_QA_COLUMNS, answer_targets, decode_answers, has_pointer, head_inputs,
-                                    qa_columns, question_batch)
+                                    qa_columns, question_batch, with_ocr_text)
 from vlkit.train.distributed import unwrap
 from vlkit.train.distributed import DistInfo, all_gather_objects
 
@@ -139,7 +140,8 @@ class VQATask(Task):
                          loss_scale: float, scaler) -> dict[str, float]:
         """Teacher forcing on ``prompt answer`` for one question per image and one answer per question."""
         inner = unwrap(model)
-        owner, questions, answers = expand_questions(batch, self._pick)
+        qb = question_batch(batch, self._pick)
+        owner, questions, answers = qb.owner, with_ocr_text(qb), qb.answers
         picked = [self._pick_answer(batch["index"][o].item(), a) for o, a in zip(owner, answers)]
         keep = [i for i, a in enumerate(picked) if a]
         if not keep:
@@ -303,7 +305,7 @@ def answer_questions(model: nn.Module, tokenizer, ds: LanceImageTextDataset, dis
         with autocast:
             if generative:  # the questions go into the prompts, tokenised there
                 images = batch["image"][torch.tensor(qb.owner, dtype=torch.long)].to(dist.device)
-                written = write_captions(inner, tokenizer, images, vqa_prompts(qb.questions, prompt),
+                written = write_captions(inner, tokenizer, images, vqa_prompts(with_ocr_text(qb), prompt),
                                          **(settings or answer_settings()))
                 predicted = [w[0][0] for w in written]
             else:

@@ -9,6 +9,7 @@ columns add to that:
   sequence of a pair after the question (``[CLS] question [SEP] ocr tokens [SEP]``), and, for a model built
   with ``ocr_pointer``, the answer head also scores each token as the answer: the output is the vocabulary's
   logits followed by :data:`MAX_OCR_SLOTS` at most token scores, and an answer may be copied from the tokens.
+  A generative model reads them in its prompt, after the question (:func:`with_ocr_text`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ QA_COLUMNS = ["questions", "answers"]
 OPTIONAL_QA_COLUMNS = ("answerable", "answer_type", "ocr_tokens")
 #: most OCR tokens a pointer scores per question (M4C's 50)
 MAX_OCR_SLOTS = 50
+#: most OCR tokens written into a generative model's prompt (its text is short)
+MAX_PROMPT_OCR = 20
+#: what separates the question from its OCR tokens in a prompt
+PROMPT_OCR_SEPARATOR = " ocr: "
 
 
 def qa_columns(path: str) -> list[str]:
@@ -89,6 +94,16 @@ def question_batch(batch: dict[str, Any], pick: Callable[[int, int], int] | None
             if out.ocr_tokens is not None:
                 out.ocr_tokens.append([str(t) for t in (batch["ocr_tokens"][pos] or [])])
     return out
+
+
+def with_ocr_text(qb: QuestionBatch) -> list[str]:
+    """The questions as a generative model reads them: each followed by :data:`PROMPT_OCR_SEPARATOR` and its
+    first :data:`MAX_PROMPT_OCR` OCR tokens when the dataset has OCR tokens (a question of an image where none
+    were read stays as it is)."""
+    if qb.ocr_tokens is None:
+        return list(qb.questions)
+    return [q.strip() + PROMPT_OCR_SEPARATOR + " ".join(t[:MAX_PROMPT_OCR]) if t else q
+            for q, t in zip(qb.questions, qb.ocr_tokens)]
 
 
 def has_pointer(model: nn.Module) -> bool:
