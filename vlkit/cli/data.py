@@ -43,11 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="width and height of the square images in pixels, 32 to 1024 (default 64)")
     synth.add_argument("--format", default="png", choices=("png", "jpeg"),
                        help="image files: png (exact colours, default) or jpeg")
-    synth.add_argument("--kind", default="shapes", choices=("shapes", "unanswerable", "text"),
+    synth.add_argument("--kind", default="shapes", choices=("shapes", "unanswerable", "text", "pairs"),
                        help="shapes (captions, labels, questions; default), unanswerable (shapes with questions "
                        "about absent objects answered 'unanswerable', with answerable and answer_type as VizWiz "
-                       "has them) or text (words written in the image, 'what word is written?', OCR tokens as "
-                       "TextVQA has them)")
+                       "has them), text (words written in the image, 'what word is written?', OCR tokens as "
+                       "TextVQA has them) or pairs (NLVR2: two images and a true or false sentence about them; --n "
+                       "counts pairs)")
     synth.set_defaults(func=run_synth)
 
 
@@ -63,6 +64,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"images      {info['images']}")
     print(f"captions    {info['captions']}")
     print(f"questions   {info['questions']}")
+    if info.get("pairs"):
+        print(f"pairs       {info['pairs']} rows of two images (image, image2)")
     print("splits      " + ", ".join(f"{k}: {v}" for k, v in info["splits"].items()))
     if info["classes"]:
         shown = ", ".join(info["classes"][:12]) + (" ..." if len(info["classes"]) > 12 else "")

@@ -229,5 +229,8 @@ def dataset_info(path: str | Path) -> dict[str, Any]:
         "versions": len(ds.versions()),
         "indices": sorted(i.name for i in ds.describe_indices()),
         "extra_columns": extra,
+        # rows holding a second image (NLVR2 pairs); 0 for single-image datasets
+        "pairs": (ds.count_rows() - ds.to_table(columns=["image2"]).column("image2").null_count
+                  if "image2" in ds.schema.names else 0),
     }
 
