@@ -46,6 +46,12 @@ QA_EXTRA_TYPES: dict[str, pa.DataType] = {
     "answerable": pa.list_(pa.bool_()),
     "answer_type": pa.list_(pa.string()),
     "ocr_tokens": pa.list_(pa.string()),
+    # Visual Dialog, per round (vlkit.data.readers.visdial)
+    "dialog_questions": pa.list_(pa.string()),
+    "dialog_answers": pa.list_(pa.string()),
+    "dialog_options": pa.list_(pa.list_(pa.string())),
+    "dialog_gt_index": pa.list_(pa.int32()),
+    "dialog_relevance": pa.list_(pa.list_(pa.float32())),
 }
 
 

@@ -19,6 +19,7 @@ from .hf_dataset import is_hf_dataset, read_hf_dataset
 from .parquet import read_parquet
 from .snli_ve import is_snli_ve, read_snli_ve
 from .textvqa import is_textvqa, read_textvqa
+from .visdial import is_visdial, read_visdial
 from .vqa import read_vqa
 from .webdataset import expand_shards, is_shard_pattern, read_webdataset
 
@@ -32,6 +33,7 @@ READERS: dict[str, Reader] = {
     "vqa": read_vqa,
     "nlvr2": read_nlvr2,
     "textvqa": read_textvqa,
+    "visdial": read_visdial,
     "webdataset": read_webdataset,
     "parquet": read_parquet,
     "hf": read_hf_dataset,
@@ -75,6 +77,8 @@ def detect_format(path: Path) -> str:
             return "vqa"
         if is_textvqa(data):
             return "textvqa"
+        if is_visdial(data):
+            return "visdial"
         if isinstance(data, dict):
             if "questions" in data:
                 return "vqa"
@@ -82,7 +86,7 @@ def detect_format(path: Path) -> str:
                 return "coco"
         raise DataError(
             f"{path}: cannot tell the format of this JSON file "
-            "(expected COCO captions with 'images'/'annotations', VQA questions or TextVQA's 'data'); pass --format"
+            "(expected COCO captions with 'images'/'annotations', VQA questions, TextVQA's 'data' or VisDial's 'data.dialogs'); pass --format"
         )
     raise DataError(f"{path}: unknown file type '{suffix}'; pass --format ({', '.join(FORMATS)})")
 
