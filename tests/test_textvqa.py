@@ -70,6 +70,29 @@ def test_textvqa_file_ingests_with_ocr_tokens_per_image(textvqa_file, tmp_path):
     assert camera["ocr_tokens"] == ["nous", "les", "gosses", "Dakota"]
 
 
+def test_the_official_question_file_and_the_rosetta_ocr_file_ingest_together(textvqa_file, tmp_path):
+    root = textvqa_file.parent
+    data = json.loads(textvqa_file.read_text())["data"][:3]
+    for entry in data:
+        del entry["ocr_tokens"]  # the official 0.5.1 files have none: they are in the OCR file
+    questions = root / "TextVQA_0.5.1_val.json"
+    questions.write_text(json.dumps({"dataset_name": "textvqa", "data": data}))
+    ocr = root / "TextVQA_Rosetta_OCR_v0.2_val.json"
+    ocr.write_text(json.dumps({"data": [
+        {"image_id": "005635e119b9f32f", "ocr_tokens": ["SUBLIMELY", "ALE"], "ocr_info": [{"word": "SUBLIMELY"}]},
+        {"image_id": "0054c91397f2fe05", "ocr_tokens": ["Dakota"], "ocr_info": []}]}))
+    assert detect_format(ocr) == "textvqa"
+    for order in ([questions, ocr], [ocr, questions]):
+        out = tmp_path / f"{order[0].stem}.lance"
+        report = ingest(order, out, split="val", progress=False)
+        assert not report.problems
+        rows = {r["id"]: r for r in lance.dataset(str(out)).to_table(
+            columns=["id", "questions", "ocr_tokens"]).to_pylist()}
+        assert rows["train_images/005635e119b9f32f.jpg"]["ocr_tokens"] == ["SUBLIMELY", "ALE"]
+        assert rows["train_images/0054c91397f2fe05.jpg"]["ocr_tokens"] == ["Dakota"]
+        assert len(rows["train_images/0054c91397f2fe05.jpg"]["questions"]) == 2
+
+
 def test_ocr_tokens_follow_the_question_and_their_positions_are_found():
     tok = build_word_tokenizer(["what word is written on the left?", "stop exit self righteous ale"], max_length=14)
     qb = QuestionBatch(owner=[0, 1], questions=["what word is written on the left?", "what word?"],

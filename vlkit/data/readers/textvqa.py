@@ -9,6 +9,14 @@ file under the images root whose name is ``<image_id>`` with an image suffix (in
 
 Questions are grouped per image. The OCR tokens are kept per image in the ``ocr_tokens`` column (a list of
 strings; the first question's list when questions of one image disagree).
+
+The official question files (``TextVQA_0.5.1_<split>.json``) carry no OCR tokens: those are in the Rosetta OCR
+file of the split (``TextVQA_Rosetta_OCR_v0.2_<split>.json``, ``{"data": [{"image_id", "ocr_tokens",
+"ocr_info"}]}``), which this reader also reads (entries without a question give an image its tokens). Ingest
+both together and the records of each image are merged into one row::
+
+    vlkit ingest TextVQA_0.5.1_train.json TextVQA_Rosetta_OCR_v0.2_train.json --images-root train_images \\
+        --out textvqa.lance
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ MAX_OCR_TOKENS = 512  # more words than any real image shows: a bound on what on
 
 
 def is_textvqa(data: Any) -> bool:
-    """Whether parsed JSON looks like a TextVQA file: a ``data`` list of question entries."""
+    """Whether parsed JSON looks like a TextVQA file: a ``data`` list of question entries (or, in the OCR file,
+    of ``image_id`` + ``ocr_tokens`` entries)."""
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         return False
     first = next((e for e in data["data"] if isinstance(e, dict)), None)
-    return first is not None and "question" in first
+    return first is not None and ("question" in first or ("ocr_tokens" in first and "image_id" in first))
 
 
 class _StemFinder:
@@ -89,6 +98,9 @@ def read_textvqa(path: Path, images_root: Path | None, problems: list[Problem]) 
         if not isinstance(entry, dict):
             problems.append(Problem(str(path), where, "question entry is not an object"))
             continue
+        if "question" not in entry and "ocr_tokens" in entry:  # an entry of the OCR file: tokens only
+            _add_tokens(entry, path, where, find, root, images_root, records, problems)
+            continue
         reason = bad_text(entry.get("question"))
         if reason:
             problems.append(Problem(str(path), where, f"question: {reason}"))
@@ -113,3 +125,21 @@ def read_textvqa(path: Path, images_root: Path | None, problems: list[Problem]) 
         if with_ocr and rec.extra.get("ocr_tokens") is None:
             rec.extra["ocr_tokens"] = tokens
     yield from records.values()
+
+
+def _add_tokens(entry: dict, path: Path, where: str, find: _StemFinder, root: Path, images_root: Path | None,
+                records: dict[str, Record], problems: list[Problem]) -> None:
+    """An OCR-file entry: the image's record (without questions) with its ``ocr_tokens``."""
+    tokens, reason = _ocr_tokens(entry)
+    if reason:
+        problems.append(Problem(str(path), where, reason))
+        return
+    image_path = find(entry)
+    if image_path is None:
+        problems.append(Problem(str(path), where, f"no image for these OCR tokens ({entry.get('image_id')})"))
+        return
+    key = image_id(image_path, root)
+    rec = records.setdefault(key, Record(id=key, image_path=image_path, source=f"{path}:{where}",
+                                         root=confinement_root(path, images_root)))
+    if rec.extra.get("ocr_tokens") is None:
+        rec.extra["ocr_tokens"] = tokens
