@@ -1,4 +1,5 @@
-"""A contact sheet: a grid of a dataset's images with their first caption, for a person to look at."""
+"""A contact sheet: a grid of a dataset's images with their first caption, for a person to look at. Rows of two
+images (NLVR2 pairs) show both side by side, the sentence followed by its label."""
 
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ def _label(row: dict) -> str:
     return text
 
 
+def _paste(sheet: Image.Image, data: bytes, x0: int, y0: int, thumb: int, dataset, row_id: str) -> None:
+    """Decode ``data`` and paste it, scaled to fit a ``thumb`` square, centred in the square at ``(x0, y0)``."""
+    try:
+        img = decode_rgb(data, draft=thumb)
+    except ImageDecodeError as exc:
+        raise image_error(dataset, row_id, exc) from None
+    scale = thumb / max(img.width, img.height)
+    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BICUBIC  # keep tiny images crisp
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+    sheet.paste(img, (x0 + (thumb - img.width) // 2, y0 + (thumb - img.height) // 2))
+
+
 def contact_sheet(
     dataset: str | Path, out: str | Path, n: int = 16, split: str | None = None, thumb: int = 224, cols: int = 4
 ) -> Path:
@@ -56,24 +69,22 @@ def contact_sheet(
         offsets = split_indices(ds, split)[:n]
         rows = ds.take(offsets, columns=["id", "captions", "class_name", "questions", "answers"]).to_pylist()
         blobs = ds.read_blobs("image", indices=offsets, preserve_order=True)
+        pairs = "image2" in ds.schema.names
+        seconds = ds.read_blobs("image2", indices=offsets, preserve_order=True) if pairs else [(0, None)] * len(rows)
     font, small = _font(14), _font(11)
     line_h, text_lines = 17, 4
-    cell_w, cell_h = thumb + 16, thumb + 16 + line_h * text_lines + 14
+    cell_w, cell_h = (2 * thumb + 4 if pairs else thumb) + 16, thumb + 16 + line_h * text_lines + 14
     cols = min(cols, len(rows))
     grid_rows = (len(rows) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * cell_w, grid_rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (row, (_, data)) in enumerate(zip(rows, blobs)):
+    for i, (row, (_, data), (_, data2)) in enumerate(zip(rows, blobs, seconds)):
         x0, y0 = (i % cols) * cell_w + 8, (i // cols) * cell_h + 8
-        try:
-            img = decode_rgb(data, draft=thumb)
-        except ImageDecodeError as exc:
-            raise image_error(dataset, row["id"], exc) from None
-        scale = thumb / max(img.width, img.height)
-        resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BICUBIC  # keep tiny images crisp
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
-        sheet.paste(img, (x0 + (thumb - img.width) // 2, y0 + (thumb - img.height) // 2))
-        lines = textwrap.wrap(_label(row), width=max(10, thumb // 7))[:text_lines]
+        _paste(sheet, data, x0, y0, thumb, dataset, row["id"])
+        if data2 is not None:  # the second image of a pair, on the right
+            _paste(sheet, data2, x0 + thumb + 4, y0, thumb, dataset, row["id"])
+        label = _label(row) + (f" [{row['class_name']}]" if pairs and row["class_name"] is not None else "")
+        lines = textwrap.wrap(label, width=max(10, (cell_w - 16) // 7))[:text_lines]
         for j, line in enumerate(lines):
             draw.text((x0, y0 + thumb + 4 + j * line_h), line, fill="black", font=font)
         draw.text((x0, y0 + thumb + 4 + text_lines * line_h), row["id"][-40:], fill="gray", font=small)
