@@ -86,7 +86,8 @@ def detect_format(path: Path) -> str:
                 return "coco"
         raise DataError(
             f"{path}: cannot tell the format of this JSON file "
-            "(expected COCO captions with 'images'/'annotations', VQA questions, TextVQA's 'data' or VisDial's 'data.dialogs'); pass --format"
+            "(expected COCO captions with 'images'/'annotations', VQA questions, TextVQA's 'data' or VisDial's "
+            "'data.dialogs'); pass --format"
         )
     raise DataError(f"{path}: unknown file type '{suffix}'; pass --format ({', '.join(FORMATS)})")
 
