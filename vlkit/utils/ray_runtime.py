@@ -14,6 +14,9 @@ from typing import Any, Iterator
 
 from vlkit.errors import VlkitError
 
+WORKER_ENV = ("LANCE_LOG", "VLKIT_MAX_PIXELS")
+"""Environment variables of this process that Ray workers get too."""
+
 MISSING_RAY = "--engine ray needs Ray Data, which is not installed: pip install 'vlkit[ray]'"
 
 
@@ -55,18 +58,23 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # the workers see what this command set for itself: Lance's log level, the pixel limit (--max-pixels)
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     try:
         with warnings.catch_warnings():
             # Ray starts its processes from this one; none of them uses this process's Lance handles
             warnings.filterwarnings("ignore", message="lance is not fork-safe")
             if address:
-                ray.init(address=address, logging_level=logging.WARNING)
+                ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
             else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING,
+                         runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VlkitError(f"cannot start or join {where} ({first})") from None
+        hint = ("; a cluster with token authentication also needs RAY_AUTH_MODE=token and its token "
+                "(~/.ray/auth_token or RAY_AUTH_TOKEN)") if address and address != "auto" else ""
+        raise VlkitError(f"cannot start or join {where} ({first}){hint}") from None
     try:
         yield ray
     finally:
