@@ -114,7 +114,7 @@ class DatasetConfig:
 class TaskConfig:
     """A task: what it reads from which dataset, its loss and its weight in the total loss."""
 
-    name: str = "retrieval"  # retrieval | captioning | vqa | itm | classification
+    name: str = "retrieval"  # retrieval | captioning | vqa | itm | classification | visdial
     dataset: str = "???"  # a key of `datasets`
     # retrieval: contrastive (default) | siglip | momentum; captioning: caption (default) | coca (contrastive +
     # captioning in one forward); null: the task's default
@@ -134,6 +134,10 @@ class TaskConfig:
     eval_images: Optional[int] = ranged(None, **POSITIVE_INT)  # caption only the first N validation images
     # registered metrics added to the task's evaluation (vlkit.metrics.registry), e.g. [my_metric]
     metrics: list[str] = field(default_factory=list)
+    # visdial only: wrong answer options scored beside the right one per training round, and the previous rounds
+    # kept in the dialog history given with each question
+    negatives: int = ranged(7, **POSITIVE_INT)
+    history_rounds: int = ranged(3, **NON_NEGATIVE)
 
 
 @dataclass
