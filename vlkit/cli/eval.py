@@ -9,18 +9,20 @@ import sys
 
 from vlkit.cli import add_precision
 
-TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "vqa", "captioning")
+TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand to ``sub``."""
     p = sub.add_parser(
         "eval",
-        help="evaluate a trained model: retrieval, zero-shot, linear probe, VQA or captioning",
+        help="evaluate a trained model: retrieval, zero-shot, linear probe, classification, VQA or captioning",
         description="Run a trained model over one split of a dataset and score it: image-text retrieval "
         "(recall@1/5/10 and ranks both ways), zero-shot classification with prompt templates (top-1/top-5, "
         "mean per-class recall, confusion matrix), a linear probe (logistic regression on the frozen image "
-        "embeddings of the training split), VQA accuracy (an answer head, or answers a generative model "
+        "embeddings of the training split), image-text classification such as SNLI-VE visual entailment (the "
+        "classification head trained with the model: accuracy, per-class recall, confusion matrix), VQA "
+        "accuracy (an answer head, or answers a generative model "
         "writes) or captioning (a caption written per image, scored against the references with BLEU-1..4, "
         "METEOR, ROUGE-L and CIDEr-D after PTB tokenisation). Metrics are named SPLIT/DATASET/METRIC.",
     )
@@ -108,6 +110,8 @@ def _print_table(summary: dict, result) -> None:
             extra = f", probe fitted on {summary['train_images']} '{summary['train_split']}' images, C={summary['C']:g}"
         elif summary["task"] == "zeroshot":
             extra = f", {len(summary['templates'])} templates"
+        elif summary["task"] == "classification":
+            extra = f", each image paired with its {summary['text']}"
         print(f"{summary['images']} images, {summary['classes']} classes{extra}")
         present = summary["classes_present"]
         shown = ", ".join(present[:12]) + (" ..." if len(present) > 12 else "")
@@ -117,7 +121,18 @@ def _print_table(summary: dict, result) -> None:
                             ("mean per-class recall", m.mean_per_class_recall),
                             (f"chance (1/{summary['classes']})", summary["chance"])):
             print(f"{name:24}{value:7.2f} %")
+        if "confusion" in summary:
+            _print_confusion(summary["confusion"])
     print(f"\n({summary['seconds']:.1f} s)")
+
+
+def _print_confusion(confusion: dict) -> None:
+    names, matrix = confusion["classes"], confusion["matrix"]
+    width = max(8, *(len(n) + 2 for n in names))
+    print("\nconfusion (rows: true class, columns: predicted)")
+    print(" " * width + "".join(f"{n:>{width}}" for n in names))
+    for name, row in zip(names, matrix):
+        print(f"{name:{width}}" + "".join(f"{v:>{width}d}" for v in row))
 
 
 def _print_captioning(summary: dict) -> None:

@@ -31,7 +31,7 @@ from vlkit.data.synth import (_BACKGROUNDS, _NOISE, COLORS, IMAGE_FORMATS, JSONL
 from vlkit.errors import VlkitError
 
 #: the kinds of synthetic data ``vlkit data synth --kind`` makes
-KINDS = ("shapes", "unanswerable", "text", "pairs")
+KINDS = ("shapes", "unanswerable", "text", "pairs", "entailment")
 #: the words the ``text`` kind writes
 WORDS = ("stop", "open", "cafe", "taxi", "bus", "exit", "sale", "park", "hotel", "bank", "pizza", "books",
          "menu", "shop", "bar", "gym", "zoo", "pub", "tea", "gas", "sushi", "bread", "milk", "ticket")
@@ -62,6 +62,10 @@ def generate_kind(out_dir: str | Path, n: int, kind: str = "shapes", seed: int =
         raise VlkitError(f"unknown synthetic data kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "shapes":
         return generate(out_dir, n, seed=seed, image_size=image_size, image_format=image_format)
+    if kind == "entailment":  # SNLI-VE lines: three (hypothesis, label) pairs per image (vlkit.data.synth_entail)
+        from vlkit.data.synth_entail import generate_entailment
+
+        return generate_entailment(out_dir, n, seed=seed, image_size=image_size, image_format=image_format)
     if kind == "pairs":  # NLVR2: two images and a sentence (vlkit.data.synth_pairs)
         from vlkit.data.synth_pairs import generate_pairs
 

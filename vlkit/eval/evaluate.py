@@ -1,5 +1,5 @@
 """Evaluate a trained model on one split of a dataset: retrieval, zero-shot classification, a linear probe,
-visual question answering or captioning.
+image-text classification (:mod:`vlkit.eval.classify`), visual question answering or captioning.
 
 :func:`evaluate` checks that the data suits the task before the model is loaded, loads the model (a run, model
 directory or checkpoint), runs the task and returns an :class:`EvalResult` that holds the metrics (named
@@ -25,7 +25,7 @@ from vlkit.inference.embed import Embeddings, compute_embeddings
 from vlkit.inference.loading import load_for_inference
 from vlkit.tasks.labels import classes_present, require_labels
 
-TASKS = ("retrieval", "zeroshot", "linear-probe", "vqa", "captioning")
+TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning")
 #: what the captioning report and the COCO results need of each written caption
 CAPTION_FIELDS = ("index", "id", "caption", "score", "references", "cider")
 
@@ -45,13 +45,16 @@ class EvalResult:
             C ...), JSON-ready.
         embeddings: the evaluated split's embeddings.
         retrieval: the retrieval metrics (retrieval only).
-        classification: the classification metrics (zeroshot and linear-probe).
-        class_names: the classes by label (zeroshot and linear-probe).
-        scores: ``[images, classes]`` class scores (zeroshot and linear-probe).
-        labels: ``[images]`` true labels (zeroshot and linear-probe).
+        classification: the classification metrics (zeroshot, linear-probe and classification).
+        class_names: the classes by label (zeroshot, linear-probe and classification).
+        scores: ``[images, classes]`` class scores (zeroshot, linear-probe and classification).
+        labels: ``[images]`` true labels (zeroshot, linear-probe and classification).
         captions: one dict per captioned image (captioning only), in split order: ``index`` (position in the
             split), ``id``, ``caption`` (written), ``score`` (its log-probability), ``references`` and ``cider``
             (its CIDEr-D, times 100).
+        samples: what each scored sample was, in order, for predictions (:mod:`vlkit.eval.predict`):
+            classification: ``{"id", "text"}`` per row; vqa: ``{"answer", "answers"}`` per question.
+        rows: vqa: the dataset row offsets of the questions asked, in order.
         seconds: wall time of the evaluation, model loading included.
     """
 
@@ -69,6 +72,8 @@ class EvalResult:
     scores: Tensor | None = field(default=None, repr=False)
     labels: Tensor | None = field(default=None, repr=False)
     captions: list[dict[str, Any]] | None = field(default=None, repr=False)
+    samples: list[dict[str, Any]] | None = field(default=None, repr=False)
+    rows: list[int] | None = field(default=None, repr=False)
     seconds: float = 0.0
 
     @property
@@ -87,6 +92,8 @@ class EvalResult:
                 name: (None if math.isnan(v) else v)
                 for name, v in zip(self.class_names, self.classification.per_class_recall.tolist())
             }
+            if self.task == "classification":  # a few classes: the whole matrix (rows true, columns predicted)
+                out["confusion"] = {"classes": list(self.class_names), "matrix": self.classification.confusion.tolist()}
         return out
 
 
@@ -209,6 +216,7 @@ def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, ba
     else:
         pairs = answer_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size)
     human = [a for _, a in pairs]
+    samples = [{"answer": p, "answers": a} for p, a in pairs]
     m = vqa_metrics([p for p, _ in pairs], human)
     metrics = {f"{prefix}vqa_acc": float(m.accuracy)}
     details: dict[str, Any] = {"images": len(ds), "questions": len(pairs), "generative": generative}
@@ -223,7 +231,8 @@ def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, ba
     if "majority_answer" in details:
         majority = vqa_metrics([details["majority_answer"]] * len(pairs), human)
         metrics[f"{prefix}vqa_majority_acc"] = float(majority.accuracy)
-    return EvalResult(**base, metrics=metrics, details=details, embeddings=None)
+    return EvalResult(**base, metrics=metrics, details=details, embeddings=None, samples=samples,
+                      rows=list(ds.offsets))
 
 
 def _evaluate_captioning(loaded, dataset: Path, split: str, base: dict, prefix: str, batch_size: int,
@@ -284,6 +293,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         model_path: a run directory, a model directory or a training checkpoint.
         task: ``retrieval`` (recall@K both ways), ``zeroshot`` (classification by prompts),
             ``linear-probe`` (logistic regression on frozen image embeddings, fitted on ``train_split``),
+            ``classification`` (accuracy, per-class recall and confusion of the classification head trained
+            with the model, on (image, caption) pairs such as SNLI-VE's),
             ``vqa`` (VQA accuracy of an answer head or of generated answers) or ``captioning`` (BLEU-1..4,
             METEOR, ROUGE-L, CIDEr-D of generated captions against the references).
         dataset: a vlkit Lance dataset.
@@ -335,7 +346,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     elif task == "vqa":
         _require_questions(data, split)
     else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
-        require_labels(data, split, "zero-shot classification" if task == "zeroshot" else "the linear probe")
+        require_labels(data, split, {"zeroshot": "zero-shot classification", "classification":
+                                     "--task classification"}.get(task, "the linear probe"))
     loaded = load_for_inference(model_path)
     loaded.precision = precision
     if task == "captioning":
@@ -357,6 +369,10 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         result = EvalResult(**base, metrics=zs.metrics.as_dict(prefix), details=details, embeddings=zs.embeddings,
                             classification=zs.metrics, class_names=zs.class_names, scores=zs.scores,
                             labels=zs.labels)
+    elif task == "classification":
+        from vlkit.eval.classify import evaluate_classification
+
+        result = evaluate_classification(loaded, data, split, base, prefix, batch_size, limit, num_workers, progress)
     elif task == "vqa":
         result = _evaluate_vqa(loaded, data, split, base, prefix, batch_size, limit, settings, prompt)
     elif task == "captioning":

@@ -7,8 +7,9 @@ half-written report. An existing directory is replaced only when it is empty or 
 
 * retrieval: recall@K and ranks both ways, the image x caption similarity matrix of a sample of images and
   their first captions, and the top-5 images retrieved for a few captions with the correct one marked;
-* zeroshot and linear-probe: accuracy, per-class recall bars, the confusion matrix and the most frequent
-  confusions (plus the prompt templates, or the probe's regularisation choice);
+* zeroshot, linear-probe and classification: accuracy, per-class recall bars, the confusion matrix and the
+  most frequent confusions (plus the prompt templates, the probe's regularisation choice, or the confusion
+  counts as a table for the classification head);
 * vqa: the accuracy beside the majority baseline;
 * captioning: BLEU, METEOR, ROUGE-L, CIDEr-D, and the captions with the highest and lowest CIDEr-D beside their
   images and references (:mod:`vlkit.eval.caption_report`), plus the COCO results file.
@@ -143,7 +144,8 @@ def _vqa_body(result: EvalResult) -> str:
 
 def _classification_body(result: EvalResult, out: Path) -> str:
     m, names = result.classification, result.class_names
-    title = "Zero-shot classification" if result.task == "zeroshot" else "Linear probe"
+    title = {"zeroshot": "Zero-shot classification", "classification": "Image-text classification"}.get(
+        result.task, "Linear probe")
     k = min(5, m.num_classes)
     d = result.details
     present = d["classes_present"]
@@ -172,6 +174,11 @@ def _classification_body(result: EvalResult, out: Path) -> str:
     parts.append(_figure("per_class.png", "Share of each class's images classified correctly, best first."))
     figures.confusion_figure(confusion, names, out / "confusion.png", f"{title}: confusion matrix")
     parts.append(_figure("confusion.png", "Rows: true class; columns: predicted class."))
+    if result.task == "classification":
+        parts.append("<h2>Confusion matrix</h2>")
+        parts.append(_table(["true \\ predicted", *names, "recall %"],
+                            [[html.escape(names[i]), *(str(int(c)) for c in confusion[i]), _fmt(recall[i])]
+                             for i in range(len(names))]))
     off = [(int(confusion[i, j]), i, j) for i in range(len(names)) for j in range(len(names))
            if i != j and confusion[i, j]]
     if off:

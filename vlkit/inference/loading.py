@@ -13,7 +13,7 @@ from torch import nn
 
 from vlkit.errors import VlkitError
 from vlkit.inference.defaults import GenerationDefaults, defaults_from_tasks, load_defaults
-from vlkit.models.io import CONFIG_NAME, WEIGHTS_NAME, load_model, load_tokenizer
+from vlkit.models.io import CONFIG_NAME, WEIGHTS_NAME, SavedClassifier, load_classifier, load_model, load_tokenizer
 
 
 @dataclass
@@ -29,6 +29,7 @@ class LoadedModel:
         generation: how the model writes by default (the prompt and decoding its training run used).
         precision: what embeddings are computed in: ``auto`` (bf16 autocast where the hardware has native
             bf16, else fp32), ``fp32`` or ``bf16`` (see :mod:`vlkit.inference.speed`).
+        classifier: the classification head trained with the model (task ``classification``), or None.
     """
 
     model: nn.Module
@@ -37,6 +38,7 @@ class LoadedModel:
     tag: str
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     precision: str = "auto"
+    classifier: SavedClassifier | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -98,7 +100,7 @@ def load_for_inference(path: str | Path, runtime: str = "torch") -> LoadedModel:
     if (path / CONFIG_NAME).exists():
         model = load_model(path)
         return LoadedModel(model.eval(), load_tokenizer(path, model), path, _fingerprint(path / WEIGHTS_NAME),
-                           load_defaults(path))
+                           load_defaults(path), classifier=load_classifier(path))
     if (path / "model" / CONFIG_NAME).exists():
         return load_for_inference(path / "model")
     if path.name == "latest" and path.parent.name == "checkpoints":
@@ -130,4 +132,23 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     except (RuntimeError, KeyError) as exc:
         raise VlkitError(f"{path}: checkpoint does not match {config}: {str(exc).splitlines()[0]}") from None
     return LoadedModel(model.eval(), tokenizer, path, _fingerprint(path / STATE_NAME),
-                       defaults_from_tasks(cfg.tasks) or GenerationDefaults())
+                       defaults_from_tasks(cfg.tasks) or GenerationDefaults(),
+                       classifier=_checkpoint_classifier(cfg, state, path))
+
+
+def _checkpoint_classifier(cfg, state: dict, path: Path) -> SavedClassifier | None:
+    """The first classification task's head in a checkpoint (as the final model saves it), or None."""
+    from vlkit.tasks.labels import dataset_classes
+
+    for task, saved in zip(cfg.tasks, state.get("tasks") or []):
+        if task.name != "classification" or "head.weight" not in saved:
+            continue
+        weight, bias = saved["head.weight"], saved["head.bias"]
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+        head.load_state_dict({"weight": weight.float(), "bias": bias.float()})
+        names = dataset_classes(cfg.datasets[task.dataset].path)
+        if len(names) != weight.shape[0]:
+            raise VlkitError(f"{path}: the classification head has {weight.shape[0]} classes but its dataset "
+                             f"{cfg.datasets[task.dataset].path} now has {len(names)}")
+        return SavedClassifier(head.eval(), names, task.prompt)
+    return None

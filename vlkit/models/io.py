@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_model as save_safetensors
+from safetensors.torch import load_file, save_file, save_model as save_safetensors
 from torch import nn
 
 from vlkit import __version__
@@ -20,6 +20,24 @@ from vlkit.utils.fs import atomic_directory
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
+CLASSIFIER_NAME = "classifier.json"
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+
+
+@dataclasses.dataclass
+class SavedClassifier:
+    """A classification head trained on a fusion model's ``[CLS]`` feature (task ``classification``), saved
+    beside the model as ``classifier.safetensors`` (``weight``, ``bias``) and ``classifier.json``.
+
+    Attributes:
+        head: the linear head, ``[classes, width]``.
+        class_names: the class names by label.
+        prompt: the text paired with every image in training (None: each image's first caption).
+    """
+
+    head: nn.Linear
+    class_names: list[str]
+    prompt: str | None = None
 
 
 def architectures() -> dict[str, type[nn.Module]]:
@@ -56,10 +74,12 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
     return cls(**kwargs)
 
 
-def save_model(model: nn.Module, directory: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
+def save_model(model: nn.Module, directory: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None,
+               classifier: SavedClassifier | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) into ``directory``.
 
-    ``extra_files`` (name -> text) are written beside them. The files are written to a temporary directory beside it, then moved into place, so an interrupted
+    ``extra_files`` (name -> text) are written beside them, and a ``classifier`` head as
+    ``classifier.safetensors`` + ``classifier.json`` (read back by :func:`load_classifier`). The files are written to a temporary directory beside it, then moved into place, so an interrupted
     save never leaves a half-written model. An existing ``directory`` is replaced only when it is empty or a
     vlkit model folder (its ``config.json`` carries ``vlkit_version``), never another tool's model folder.
 
@@ -76,7 +96,49 @@ def save_model(model: nn.Module, directory: str | Path, tokenizer=None, extra_fi
             tokenizer.save(tmp / TOKENIZER_NAME)
         for name, text in (extra_files or {}).items():  # e.g. generation.json: how the model writes by default
             (tmp / name).write_text(text)
+        if classifier is not None:
+            head = classifier.head
+            save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+                       "bias": head.bias.detach().float().cpu().contiguous()}, str(tmp / CLASSIFIER_WEIGHTS))
+            (tmp / CLASSIFIER_NAME).write_text(json.dumps({"classes": list(classifier.class_names),
+                                                           "prompt": classifier.prompt}, indent=2))
     return directory
+
+
+def load_classifier(directory: str | Path) -> SavedClassifier | None:
+    """The classification head saved beside a model by :func:`save_model`, or None when there is none.
+
+    Raises:
+        VlkitError: one of its two files is missing, not valid, or they disagree (naming the file).
+    """
+    directory = Path(directory)
+    meta_path, weights_path = directory / CLASSIFIER_NAME, directory / CLASSIFIER_WEIGHTS
+    if not meta_path.exists() and not weights_path.exists():
+        return None
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise VlkitError(f"{path}: missing beside the other file of the model's classification head")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VlkitError(f"{meta_path}: not valid JSON ({exc})") from None
+    meta = meta if isinstance(meta, dict) else {}
+    classes, prompt = meta.get("classes"), meta.get("prompt")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes) \
+            or not (prompt is None or isinstance(prompt, str)):
+        raise VlkitError(f"{meta_path}: expected {{\"classes\": [names...], \"prompt\": text or null}}")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise VlkitError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    weight, bias = state.get("weight"), state.get("bias")
+    if weight is None or bias is None or weight.dim() != 2 or tuple(bias.shape) != (weight.shape[0],) \
+            or weight.shape[0] != len(classes):
+        raise VlkitError(f"{weights_path}: expected weight [{len(classes)}, width] and bias [{len(classes)}] "
+                         f"for the {len(classes)} classes of {meta_path.name}")
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": bias})
+    return SavedClassifier(head.eval(), classes, prompt)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Each image is paired with a text (the task's ``prompt`` for every image, e.g. a question, or else the image's
 first caption, e.g. an entailment hypothesis), the fusion model's fused ``[CLS]`` feature goes through a linear
 head, and cross-entropy trains it against the dataset's ``label``. Evaluation reports top-1 accuracy and mean
-per-class recall on the validation split. The head belongs to the task: it is saved in training checkpoints.
+per-class recall on the validation split. The head belongs to the task: it is saved in training checkpoints,
+and with the final model (``classifier.safetensors`` + ``classifier.json``, see
+:class:`vlkit.models.io.SavedClassifier`) for ``vlkit eval --task classification`` and ``vlkit predict``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from vlkit.data.dataset import LanceImageTextDataset, make_loader
 from vlkit.data.sampler import DistributedEpochSampler
 from vlkit.errors import VlkitError
 from vlkit.metrics.classification import classification_metrics
+from vlkit.models.io import SavedClassifier
 from vlkit.tasks import register_task
 from vlkit.tasks.labels import dataset_classes, require_labels
 from vlkit.tasks.base import Task
@@ -32,6 +35,26 @@ def fused_width(model: nn.Module) -> int:
     if width is None or not hasattr(unwrap(model), "fuse"):
         raise VlkitError(f"task classification needs a fusion model (albef-*, vilt-*), not {type(unwrap(model)).__name__}")
     return int(width)
+
+
+def pair_logits(model: nn.Module, head: nn.Module, tokenizer, images: torch.Tensor, texts: list[str],
+                device: torch.device) -> torch.Tensor:
+    """Class scores of (image, text) pairs: the fusion model's fused ``[CLS]`` feature through ``head``.
+
+    Args:
+        model: a fusion model (``forward(images, input_ids, attention_mask, head="cls")``).
+        head: the linear classification head.
+        tokenizer: the model's tokenizer.
+        images: ``[batch, 3, H, W]`` preprocessed images.
+        texts: one text per image (the prompt, or the image's caption, e.g. an entailment hypothesis).
+        device: where the model is.
+
+    Returns:
+        ``[batch, classes]`` logits, float32.
+    """
+    tokens = tokenizer(texts)
+    cls = model(images.to(device), tokens["input_ids"].to(device), tokens["attention_mask"].to(device), head="cls")
+    return head(cls.float())  # [batch, classes]
 
 
 @register_task("classification")
@@ -62,14 +85,14 @@ class ClassificationTask(Task):
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
         return self.shuffled_loader(self._dataset(self.data.train_split, train=True), per_rank_batch)
 
+    def saved_classifier(self) -> SavedClassifier:
+        """The head, its class names and prompt, as saved with the final model."""
+        return SavedClassifier(self.head, list(self.class_names), self.cfg.prompt)
+
     def _logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         n = batch["image"].shape[0]
         texts = [self.cfg.prompt] * n if self.cfg.prompt else batch["text"]
-        tokens = self.tokenizer(texts)
-        device = self.dist.device
-        cls = model(batch["image"].to(device), tokens["input_ids"].to(device), tokens["attention_mask"].to(device),
-                    head="cls")
-        return self.head(cls.float())  # [batch, classes]
+        return pair_logits(model, self.head, self.tokenizer, batch["image"], texts, self.dist.device)
 
     def forward_backward(self, model: nn.Module, batch: dict[str, Any], micro_batches: int, autocast,
                          loss_scale: float = 1.0, scaler=None) -> dict[str, float]:

@@ -513,9 +513,11 @@ class Trainer:
 
             writes = defaults_from_tasks(self.cfg.tasks)  # the prompt and decoding the validation used
             extra = {GENERATION_NAME: writes.to_json()} if writes is not None else None
-            save_model(final, self.run_dir / "model", self.tokenizer, extra)
+            # the first classification head trained is saved with the model (for eval and predict)
+            head = next((t.saved_classifier() for t in self.tasks if hasattr(t, "saved_classifier")), None)
+            save_model(final, self.run_dir / "model", self.tokenizer, extra, classifier=head)
             if self.ema is not None:
-                save_model(self.ema.module, self.run_dir / "model_ema", self.tokenizer, extra)
+                save_model(self.ema.module, self.run_dir / "model_ema", self.tokenizer, extra, classifier=head)
             if self.log is not None:
                 self.log.close()
         D.teardown()
