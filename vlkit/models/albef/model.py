@@ -245,8 +245,11 @@ class ALBEF(nn.Module):
     def match_scores(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Probability ``[batch]`` that the image of ``features`` row ``i`` (from :meth:`match_features`) matches
         text ``i``; equal to :meth:`itm_scores` on the images."""
-        fused = self.fuse(features, input_ids, attention_mask)[:, 0]  # [batch, text_width]
-        return self.itm_head(fused).softmax(dim=-1)[:, 1]
+        return self.match_logits(features, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+
+    def match_logits(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The ITM head's logits ``[batch, 2]`` (not matched, matched) of the pairs :meth:`match_scores` scores."""
+        return self.itm_head(self.fuse(features, input_ids, attention_mask)[:, 0])  # fused [CLS]: [batch, text_width]
 
     def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                       ocr_positions: Tensor | None = None) -> Tensor:

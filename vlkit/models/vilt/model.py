@@ -167,8 +167,12 @@ class ViLT(nn.Module):
     def match_scores(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Probability ``[batch]`` that the image of ``features`` row ``i`` (from :meth:`match_features`) matches
         text ``i``: the transformer over ``[text; image]``; equal to :meth:`itm_scores` on the images."""
+        return self.match_logits(features, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+
+    def match_logits(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The ITM head's logits ``[batch, 2]`` (not matched, matched) of the pairs :meth:`match_scores` scores."""
         tokens = self._encode(input_ids, self._mask(input_ids, attention_mask), features)  # [batch, L + N, width]
-        return self.itm_head(self.pooler(tokens[:, 0])).softmax(dim=-1)[:, 1]
+        return self.itm_head(self.pooler(tokens[:, 0]))
 
     def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                       ocr_positions: Tensor | None = None) -> Tensor:
