@@ -213,6 +213,7 @@ class AnsweredQuestion:
     answers: list[str]
     answerable: bool | None = None
     answer_type: str | None = None
+    score: float | None = None  # the answer head's sigmoid probability, or a written answer's log-probability
 
 
 def split_metrics(result: list[AnsweredQuestion]):
@@ -307,15 +308,16 @@ def answer_questions(model: nn.Module, tokenizer, ds: LanceImageTextDataset, dis
                 images = batch["image"][torch.tensor(qb.owner, dtype=torch.long)].to(dist.device)
                 written = write_captions(inner, tokenizer, images, vqa_prompts(with_ocr_text(qb), prompt),
                                          **(settings or answer_settings()))
-                predicted = [w[0][0] for w in written]
+                predicted, scores = [w[0][0] for w in written], [float(w[0][1]) for w in written]
             else:
                 inputs = head_inputs(tokenizer, batch["image"], qb, pointer, dist.device)
                 logits = inner(*inputs.args, head="answer", **inputs.kwargs)
                 predicted = decode_answers(logits, vocab, inputs.slots)
+                scores = logits.float().max(dim=-1).values.sigmoid().tolist()  # the head is trained with BCE
         per_image: dict[int, list] = {}
         for i, pos in enumerate(qb.owner):
             per_image.setdefault(pos, []).append(AnsweredQuestion(predicted[i], qb.answers[i], qb.answerable[i],
-                                                                  qb.answer_types[i]))
+                                                                  qb.answer_types[i], scores[i]))
         for pos, index in enumerate(batch["index"].tolist()):
             rows.append((index, per_image.get(pos, [])))
     inner.train(was_training)
