@@ -54,7 +54,7 @@ CHOICES: dict[str, set[str]] = {
     "precision": {"fp32", "bf16", "fp16"},
     "distributed": {"ddp", "fsdp"},
     "device": {"auto", "cpu", "cuda"},
-    "tasks.*.name": {"retrieval", "captioning", "vqa", "itm", "classification"},
+    "tasks.*.name": {"retrieval", "captioning", "vqa", "itm", "classification", "nlvr2", "visdial"},
     "sampling.strategy": {"all", "round_robin", "proportional", "fixed", "temperature"},
     "model.lock.tower": {"image", "text"},
     "nonfinite": {"stop", "skip"},
