@@ -6,7 +6,8 @@ found under the images root by file name, or by a COCO ``image_id`` (``*<id:012d
 
 VizWiz files (a list of ``{"image", "question", "answers", "answerable", "answer_type"}``) keep, per question,
 ``answerable`` (a boolean, in the ``answerable`` column) and ``answer_type`` (``answer_type`` column), both
-lists aligned with the ``questions`` column; a file without them gives no such columns.
+lists aligned with the ``questions`` column; a file without them gives no such columns. The same holds for
+``question_id`` (the ``question_id`` column, used by ``vlkit predict --format official``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _answerable(value: Any) -> bool | None:
 
 def read_vqa(path: Path, images_root: Path | None, problems: list[Problem]) -> Iterator[Record]:
     entries = _entries(path, load_json(path))
-    per_question = [k for k in ("answerable", "answer_type")
+    per_question = [k for k in ("answerable", "answer_type", "question_id")
                     if any(isinstance(e, dict) and e.get(k) is not None for e in entries)]
     first = next((e.get("image") or e.get("file_name") for e in entries if isinstance(e, dict)), None)
     root = images_root_for(path, images_root, first)
@@ -108,6 +109,8 @@ def read_vqa(path: Path, images_root: Path | None, problems: list[Problem]) -> I
         rec.answers.append(answers)
         if "answerable" in per_question:
             rec.extra.setdefault("answerable", []).append(_answerable(entry.get("answerable")))
+        if "question_id" in per_question:
+            rec.extra.setdefault("question_id", []).append(entry.get("question_id"))
         if "answer_type" in per_question:
             kind = entry.get("answer_type")
             rec.extra.setdefault("answer_type", []).append(str(kind) if kind is not None else None)
