@@ -43,13 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="width and height of the square images in pixels, 32 to 1024 (default 64)")
     synth.add_argument("--format", default="png", choices=("png", "jpeg"),
                        help="image files: png (exact colours, default) or jpeg")
-    synth.add_argument("--kind", default="shapes", choices=("shapes", "unanswerable", "text", "pairs", "entailment"),
+    synth.add_argument("--kind", default="shapes", choices=("shapes", "unanswerable", "text", "pairs",
+                                                                "entailment", "dialog"),
                        help="shapes (captions, labels, questions; default), unanswerable (shapes with questions "
                        "about absent objects answered 'unanswerable', with answerable and answer_type as VizWiz "
                        "has them), text (words written in the image, 'what word is written?', OCR tokens as "
                        "TextVQA has them), pairs (NLVR2: two images and a true or false sentence about them; --n "
-                       "counts pairs) or entailment (SNLI-VE lines: each image with an entailed, a neutral and a "
-                       "contradicted hypothesis)")
+                       "counts pairs), entailment (SNLI-VE lines: each image with an entailed, a neutral and a "
+                       "contradicted hypothesis) or dialog (VisDial: a caption and three rounds about colour, shape "
+                       "and count with 10 answer options each, written as a VisDial file with dense annotations)")
     synth.set_defaults(func=run_synth)
 
 

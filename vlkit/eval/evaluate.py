@@ -198,7 +198,7 @@ def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, ba
     from vlkit.data.dataset import LanceImageTextDataset
     from vlkit.inference.interface import is_generative
     from vlkit.metrics.vqa import vqa_metrics
-    from vlkit.tasks.vqa import QA_COLUMNS, answer_settings, answer_split, model_answers
+    from vlkit.tasks.vqa import QA_COLUMNS, answer_questions, answer_settings, model_answers
     from vlkit.train.distributed import DistInfo
 
     generative = is_generative(loaded.model)
@@ -211,12 +211,14 @@ def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, ba
         given = {k: v for k, v in (settings or {}).items() if v is not None}
         options = answer_settings(given.get("num_beams", 1), given.get("max_new_tokens", 10))
         prompt = prompt if prompt is not None else loaded.generation.vqa_prompt
-        pairs = answer_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size,
-                             prompt=prompt, settings=options)
+        answered = answer_questions(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(),
+                                    batch_size, prompt=prompt, settings=options)
     else:
-        pairs = answer_split(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(), batch_size)
+        answered = answer_questions(loaded.model, loaded.tokenizer, ds, DistInfo(), contextlib.nullcontext(),
+                                    batch_size)
+    pairs = [(r.prediction, r.answers) for r in answered]
     human = [a for _, a in pairs]
-    samples = [{"answer": p, "answers": a} for p, a in pairs]
+    samples = [{"answer": r.prediction, "answers": r.answers, "score": r.score} for r in answered]
     m = vqa_metrics([p for p, _ in pairs], human)
     metrics = {f"{prefix}vqa_acc": float(m.accuracy)}
     details: dict[str, Any] = {"images": len(ds), "questions": len(pairs), "generative": generative}
