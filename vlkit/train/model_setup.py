@@ -16,7 +16,8 @@ SPECIAL_SEP = "[SEP]"
 
 
 def training_captions(cfg: TrainConfig, generative: bool = False) -> list[str]:
-    """Every caption (and question) of every task's training split, sorted (the same on every rank).
+    """Every caption (and question, and for visdial tasks every dialog text) of every task's training split,
+    sorted (the same on every rank).
 
     Args:
         generative: the model writes text: the answers of VQA tasks (it writes them) and the default VQA prompt
@@ -40,6 +41,10 @@ def training_captions(cfg: TrainConfig, generative: bool = False) -> list[str]:
             for per_image in ds.take(offsets, columns=["answers"]).column("answers").to_pylist():
                 for answers in per_image or []:
                     texts.update(a for a in (answers or []) if a)
+        if task.name == "visdial":  # the dialogs' questions, answers and answer options
+            from vlkit.tasks.dialog_inputs import dialog_texts
+
+            texts.update(dialog_texts(ds, offsets))
     if not texts:
         raise VlkitError("no captions in the training splits to build a tokenizer from; set model.tokenizer")
     return sorted(texts)
