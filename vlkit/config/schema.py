@@ -170,7 +170,8 @@ class OptimConfig:
     # (vlkit.train.schedules); every schedule starts with warmup_steps of linear warmup
     schedule: str = "cosine"
     warmup_steps: int = ranged(100, **NON_NEGATIVE)
-    min_lr_ratio: float = ranged(0.0, lo=0, hi=1)  # cosine, linear, polynomial: the final rate as a fraction of the peak
+    # cosine, linear, polynomial: the final rate as a fraction of the peak
+    min_lr_ratio: float = ranged(0.0, lo=0, hi=1)
     power: float = ranged(1.0, **POSITIVE)  # polynomial: the exponent of the decay
     step_every: Optional[int] = ranged(None, **POSITIVE_INT)  # step: steps between two decays (required)
     gamma: float = ranged(0.1, lo=0, hi=1, lo_open=True)  # step: the factor of each decay
