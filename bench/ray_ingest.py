@@ -56,7 +56,8 @@ def main() -> None:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=max(args.ray_workers), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=max(args.ray_workers), include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
     ray_start_s = time.perf_counter() - start
     settings = {**SETTINGS, **{f"ray_{w}": ("ray", w, None) for w in args.ray_workers}}
     best: dict[str, float] = {}

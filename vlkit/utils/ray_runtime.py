@@ -35,8 +35,9 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
     """Join the Ray cluster at ``address`` (else ``RAY_ADDRESS``), or start a local one, for the ``with`` block.
 
     A runtime already started in this process (``ray.init`` by the caller) is used as it is and left running;
-    one started here is shut down at the end of the block. A local runtime gets every CPU of this machine and no
-    dashboard.
+    one started here is shut down at the end of the block. Without an address a new local runtime is started,
+    with every CPU of this machine and no dashboard, even where a cluster runs on this machine (``auto`` joins
+    that one).
 
     Args:
         address: a cluster address (``ray://host:10001`` or ``host:6379``), or ``auto`` for the one running on
@@ -67,8 +68,10 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
             if address:
                 ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
             else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING,
-                         runtime_env={"env_vars": env})
+                # "local": a new runtime, even where a cluster was started on this machine (--ray-address auto
+                # joins that one)
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                         logging_level=logging.WARNING, runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
