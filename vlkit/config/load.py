@@ -47,6 +47,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "register_choice",
+    "register_name",
     "validate_config",
 ]
 
@@ -65,11 +66,34 @@ CHOICES: dict[str, set[str]] = {
 """Allowed values of enumerated string fields, keyed by a dotted path pattern.
 
 ``*`` in a pattern matches one path segment: a list index (``tasks.*.loss``) or a mapping
-key (``datasets.*.train_split``). Extend it with :func:`register_choice` (``register_task``,
-``register_optimizer`` and ``register_schedule`` do). The losses of ``tasks.*.loss`` and the metrics of
-``tasks.*.metrics`` are read from their registries (:mod:`vlkit.modules.losses.registry`,
-:mod:`vlkit.metrics.registry`) when a config is validated.
+key (``datasets.*.train_split``). Extend it with :func:`register_choice`. The names that registries add
+(``register_task``, ``register_optimizer``, ``register_schedule``) are kept apart in :data:`REGISTERED_CHOICES`
+and allowed as well; the losses of ``tasks.*.loss`` and the metrics of ``tasks.*.metrics`` are read from their
+registries (:mod:`vlkit.modules.losses.registry`, :mod:`vlkit.metrics.registry`) when a config is validated.
 """
+
+REGISTERED_CHOICES: dict[str, set[str]] = {}
+"""Values that registries added (:func:`register_name`), by path pattern; allowed like :data:`CHOICES`."""
+
+
+def register_name(pattern: str, name: str) -> None:
+    """Allow ``name`` at ``pattern`` because a registry now holds it (e.g. ``"tasks.*.name"``, a task's name).
+
+    Args:
+        pattern: a dotted key path as in :data:`CHOICES`.
+        name: the registered name.
+    """
+    REGISTERED_CHOICES.setdefault(pattern, set()).add(name)
+
+
+def _all_choices() -> dict[str, set[str]]:
+    from vlkit.modules.losses.registry import loss_names
+
+    table = {pattern: set(values) for pattern, values in CHOICES.items()}
+    for pattern, values in REGISTERED_CHOICES.items():
+        table.setdefault(pattern, set()).update(values)
+    table.setdefault("tasks.*.loss", set()).update(loss_names())
+    return table
 
 
 def register_choice(pattern: str, *values: str) -> None:
@@ -110,9 +134,7 @@ def validate_config(data: Mapping[str, Any], schema: type = TrainConfig) -> tupl
         ``(config, problems)``: the built config (meaningful only when ``problems`` is empty)
         and one ``"key.path: what is wrong"`` line per problem.
     """
-    from vlkit.modules.losses.registry import loss_names
-
-    return validate(data, schema, {**CHOICES, "tasks.*.loss": CHOICES.get("tasks.*.loss", set()) | loss_names()})
+    return validate(data, schema, _all_choices())
 
 
 # --------------------------------------------------------------------------------------------

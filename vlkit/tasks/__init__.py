@@ -9,11 +9,11 @@ TASKS: dict[str, type] = {}
 
 def register_task(name: str):
     """Decorator registering a task class under ``name`` (then ``tasks: [{name: NAME}]`` in a config chooses it)."""
-    from vlkit.config.load import register_choice
+    from vlkit.config.load import register_name
 
     def wrap(cls):
         TASKS[name] = cls
-        register_choice("tasks.*.name", name)
+        register_name("tasks.*.name", name)
         return cls
 
     return wrap

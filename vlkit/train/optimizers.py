@@ -36,13 +36,13 @@ def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuild
     Raises:
         ValueError: the name is already registered.
     """
-    from vlkit.config.load import register_choice
+    from vlkit.config.load import register_name
 
     def wrap(build: OptimizerBuilder) -> OptimizerBuilder:
         if name in _OPTIMIZERS:
             raise ValueError(f"optimizer {name!r} is already registered")
         _OPTIMIZERS[name] = build
-        register_choice("optim.name", name)
+        register_name("optim.name", name)
         return build
 
     return wrap

@@ -41,13 +41,13 @@ def register_schedule(name: str) -> Callable[[Decay], Decay]:
     Raises:
         ValueError: the name is already registered.
     """
-    from vlkit.config.load import register_choice
+    from vlkit.config.load import register_name
 
     def wrap(decay: Decay) -> Decay:
         if name in _SCHEDULES:
             raise ValueError(f"schedule {name!r} is already registered")
         _SCHEDULES[name] = decay
-        register_choice("optim.schedule", name)
+        register_name("optim.schedule", name)
         return decay
 
     return wrap
