@@ -89,3 +89,36 @@ def _restore_pixel_limit():
     os.environ.pop(ENV_VAR, None)
     if saved is not None:
         os.environ[ENV_VAR] = saved
+
+
+@pytest.fixture(scope="session")
+def synth_entail(tmp_path_factory):
+    """150 synthetic shapes images with three entailment hypotheses each (SNLI-VE lines), ingested: 450 pairs."""
+    from vlkit.data.ingest import ingest
+    from vlkit.data.synth_entail import generate_entailment
+
+    root = tmp_path_factory.mktemp("entail")
+    ingest([generate_entailment(root, 150, seed=3)], root / "synth.lance", progress=False)
+    return root / "synth.lance"
+
+
+@pytest.fixture(scope="session")
+def entail_run(synth_entail, tmp_path_factory):
+    """A tiny ALBEF with a classification head trained on ``synth_entail`` by the shipped recipe snli_ve_synth
+    (fewer epochs); its run directory, with ``model/classifier.*``."""
+    import torch
+
+    from vlkit.config.load import load_config
+    from vlkit.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("entail_run") / "run"
+    recipe = ROOT / "vlkit" / "configs" / "snli_ve_synth.yaml"
+    cfg = load_config(recipe, [f"datasets.synth.path={synth_entail}", f"output_dir={run}", "epochs=12",
+                               "progress=false", "tensorboard=false", "log_every=1000"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(cfg).run()
+    finally:
+        torch.set_num_threads(threads)
+    return run
