@@ -18,7 +18,8 @@ and, where dense annotations exist, the relevance of each option (null for round
 
 A dialog with anything wrong (an index out of its table, a ``gt_index`` outside the options or pointing at
 another answer than the round's, no image) is skipped whole, with one problem line naming it
-(``file:data.dialogs[i] (image_id N)``).
+(``file:data.dialogs[i] (image_id N)``); a dense annotation that does not fit its round (not one score per
+option, no such round) is one problem line naming its entry, and left out.
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ def _round(entry: Any, questions: list, answers: list, number: int) -> tuple[dic
             "options": [o.strip() for o in options], "gt_index": gt}, None
 
 
-def _dense(path: Path, problems: list[Problem]) -> dict[tuple[int, int], list[float]]:
-    """The dense annotations beside ``path``, by ``(image_id, round index from 0)``; bad entries are problems."""
+def _dense(path: Path, problems: list[Problem]) -> dict[tuple[int, int], tuple[int, list[float]]]:
+    """The dense annotations beside ``path``, by ``(image_id, round index from 0)``: ``(entry index, relevance)``;
+    bad entries are problems."""
     dense_path = path.with_name(path.stem + DENSE_SUFFIX)
     if not dense_path.is_file():
         return {}
@@ -106,7 +108,7 @@ def _dense(path: Path, problems: list[Problem]) -> dict[tuple[int, int], list[fl
     if not isinstance(data, list):
         raise DataError(f"{dense_path}: not VisDial dense annotations (expected a list of "
                         "{image_id, round_id, gt_relevance})")
-    out: dict[tuple[int, int], list[float]] = {}
+    out: dict[tuple[int, int], tuple[int, list[float]]] = {}
     for i, entry in enumerate(data):
         relevance = entry.get("gt_relevance", entry.get("relevance")) if isinstance(entry, dict) else None
         image, round_id = (entry.get("image_id"), entry.get("round_id")) if isinstance(entry, dict) else (None, None)
@@ -116,7 +118,7 @@ def _dense(path: Path, problems: list[Problem]) -> dict[tuple[int, int], list[fl
         elif not isinstance(image, int) or not isinstance(round_id, int) or round_id < 1:
             problems.append(Problem(str(dense_path), f"[{i}]", "needs an integer image_id and a round_id from 1"))
         else:
-            out[(image, round_id - 1)] = [float(r) for r in relevance]
+            out[(image, round_id - 1)] = (i, [float(r) for r in relevance])
     return out
 
 
@@ -142,12 +144,15 @@ def read_visdial(path: Path, images_root: Path | None, problems: list[Problem]) 
     split = _split(data.get("split"))
     root = images_root_for(path, images_root, None)
     find = _ImageFinder(root)
+    dense_path = path.with_name(path.stem + DENSE_SUFFIX)
     records: dict[str, Record] = {}
-    used_dense: set[tuple[int, int]] = set()
+    rounds_of: dict[Any, int] = {}  # rounds of every dialog of the file, skipped or not
     for i, dialog in enumerate(dialogs):
         number = dialog.get("image_id") if isinstance(dialog, dict) else None
         where = f"data.dialogs[{i}]" + (f" (image_id {number})" if number is not None else "")
-        row, reason = _dialog_row(dialog, questions, answers, dense)
+        if isinstance(dialog, dict) and isinstance(dialog.get("dialog"), list):
+            rounds_of[number] = len(dialog["dialog"])
+        row, reason = _dialog_row(dialog, questions, answers)
         if reason is None:
             image_path = find({"image_id": number})
             reason = f"no image for this dialog (image_id {number!r})" if image_path is None else None
@@ -157,19 +162,34 @@ def read_visdial(path: Path, images_root: Path | None, problems: list[Problem]) 
         if reason is not None:
             problems.append(Problem(str(path), where, reason))
             continue
-        used_dense.update((number, r) for r in range(len(row["dialog_questions"])))
+        if dense:
+            row["dialog_relevance"] = _relevance(number, row["dialog_options"], dense, dense_path, problems)
         caption = row.pop("caption")
         records[key] = Record(id=key, image_path=image_path, source=f"{path}:{where}", captions=[caption],
                               split=split, extra=row, root=confinement_root(path, images_root))
-    for image, round_index in sorted(set(dense) - used_dense, key=str):
-        problems.append(Problem(str(path.with_name(path.stem + DENSE_SUFFIX)), None,
-                                f"dense annotation of image_id {image} round_id {round_index + 1}: no such "
-                                "dialog round in the file (or its dialog was skipped)"))
+    for (image, round_index), (k, _) in sorted(dense.items(), key=lambda item: item[1][0]):
+        if round_index >= rounds_of.get(image, 0):
+            problems.append(Problem(str(dense_path), f"[{k}]", f"image_id {image} round_id {round_index + 1}: no "
+                                    "such dialog round in the file"))
     yield from records.values()
 
 
-def _dialog_row(dialog: Any, questions: list, answers: list,
-                dense: dict[tuple[int, int], list[float]]) -> tuple[dict | None, str | None]:
+def _relevance(number: int, options: list[list[str]], dense: dict[tuple[int, int], tuple[int, list[float]]],
+               dense_path: Path, problems: list[Problem]) -> list[list[float] | None]:
+    """Per round of dialog ``number``, its dense relevance or None; an annotation whose length is not the
+    round's number of options is a problem and left out."""
+    out: list[list[float] | None] = []
+    for r, round_options in enumerate(options):
+        k, scores = dense.get((number, r), (None, None))
+        if scores is not None and len(scores) != len(round_options):
+            problems.append(Problem(str(dense_path), f"[{k}]", f"image_id {number} round_id {r + 1}: {len(scores)} "
+                                    f"relevance scores for {len(round_options)} answer options; left out"))
+            scores = None
+        out.append(scores)
+    return out
+
+
+def _dialog_row(dialog: Any, questions: list, answers: list) -> tuple[dict | None, str | None]:
     """The stored columns of one dialog (and its caption) or why it is unusable."""
     if not isinstance(dialog, dict):
         return None, "dialog entry is not an object"
@@ -184,7 +204,6 @@ def _dialog_row(dialog: Any, questions: list, answers: list,
         return None, f"'dialog' must be a list of 1 to {MAX_ROUNDS} rounds"
     row: dict[str, Any] = {"caption": dialog["caption"].strip(), "dialog_questions": [], "dialog_answers": [],
                            "dialog_options": [], "dialog_gt_index": []}
-    relevance: list[list[float] | None] = []
     for r, entry in enumerate(rounds):
         parsed, reason = _round(entry, questions, answers, r + 1)
         if reason:
@@ -193,11 +212,4 @@ def _dialog_row(dialog: Any, questions: list, answers: list,
         row["dialog_answers"].append(parsed["answer"])
         row["dialog_options"].append(parsed["options"])
         row["dialog_gt_index"].append(parsed["gt_index"])
-        scores = dense.get((number, r))
-        if scores is not None and len(scores) != len(parsed["options"]):
-            return None, (f"round {r + 1}: {len(scores)} dense relevance scores for "
-                          f"{len(parsed['options'])} answer options")
-        relevance.append(scores)
-    if dense:
-        row["dialog_relevance"] = relevance
     return row, None
