@@ -160,6 +160,28 @@ def test_failed_worker_leaves_the_previous_version(both, sources, tmp_path, monk
     assert not (fresh / "data").exists() and not (fresh / "_versions").exists()
 
 
+def test_lost_worker_creates_no_dataset(sources, tmp_path, monkeypatch):
+    """A record that kills its worker process (as a crash in a decoder would): Ray retries the chunk, then the
+    ingest fails; the fragments the other workers wrote are deleted and no dataset is left."""
+    from vlkit.data import ingest as ingest_mod
+    from vlkit.data.records import Record
+
+    _, shard = sources
+    collect = ingest_mod.collect_records
+
+    def with_a_fatal_record(*args, **kwargs):
+        def die(max_bytes: int) -> bytes:
+            os._exit(3)
+
+        return collect(*args, **kwargs) + [Record("fatal", shard, "test", captions=["x"], image_data=die)]
+
+    monkeypatch.setattr(ingest_mod, "collect_records", with_a_fatal_record)
+    out = tmp_path / "new.lance"
+    with pytest.raises(DataError, match="a Ray worker failed .*WorkerCrashedError.*was not created"):
+        ingest_mod.ingest([shard], out, fragment_rows=2, progress=False, engine="ray", ray_workers=2)
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved clip-tiny (untrained, word vocabulary) that every actor loads."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -36,6 +37,10 @@ from vlkit.data.images import ImageProblem
 from vlkit.data.records import Problem, Record
 from vlkit.data.store import is_commit_conflict
 from vlkit.errors import DataError
+
+
+MAX_RETRIES = 2
+"""Times a chunk whose worker was lost is run again."""
 
 
 @dataclass
@@ -76,6 +81,8 @@ def _chunk_task(batch: dict[str, Any], *, out: str, schema: pa.Schema | None, fr
         if schema is None:
             result.problems = [image_problem(rec, image) for rec, image in found if isinstance(image, ImageProblem)]
         else:
+            # a chunk is one fragment: its rows are gathered before the write starts, so a record that fails
+            # fails the chunk before any file is written
             batches = checked_batches(found, schema, fragment_rows, result.problems)
             first = next(batches, None)
             if first is not None:
@@ -139,8 +146,14 @@ class RayIngest:
                       confine=self.confine, max_bytes=self.max_bytes, max_pixels=max_pixels())
         data = self.ray.data.from_items(items, override_num_blocks=len(items))
         try:
-            rows = data.map_batches(_chunk_task, batch_size=1, fn_kwargs=kwargs, num_cpus=1,
-                                    compute=task_pool(self.ray, min(self.workers, len(items)))).take_all()
+            # a worker lost (a node gone) is retried twice; past that (an input that kills its worker every time)
+            # the ingest fails rather than retrying for ever, as Ray Data would by default
+            with warnings.catch_warnings():  # Ray 2.60 deprecates ray_remote_args but names no max_retries yet
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+                mapped = data.map_batches(_chunk_task, batch_size=1, fn_kwargs=kwargs, num_cpus=1,
+                                          max_retries=MAX_RETRIES,
+                                          compute=task_pool(self.ray, min(self.workers, len(items))))
+            rows = mapped.take_all()
         except Exception as exc:  # noqa: BLE001  (a worker lost, or Ray itself failing: one line)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return [ChunkResult(-1, error=f"{type(exc).__name__}: {first}")]
@@ -206,12 +219,15 @@ class RayIngest:
 
 
 def _discard(out: Path, fragments: list[dict], created: bool) -> None:
-    """Delete the data files of uncommitted ``fragments``; when this ingest was creating ``out``, also the
-    folders it made, if nothing else is in them (a failed create leaves no half dataset behind)."""
+    """Delete the data files of uncommitted ``fragments``; when this ingest was creating ``out``, also any data
+    file a lost worker left (no other writer had the dataset: it did not exist, and the lock is held) and the
+    folders it made, if nothing else is in them: a failed create leaves no half dataset behind."""
     for fragment in fragments:
         for data_file in fragment.get("files", []):
             (out / "data" / data_file["path"]).unlink(missing_ok=True)
     if created and not (out / "_versions").exists():
+        for leftover in (out / "data").glob("*.lance") if (out / "data").is_dir() else ():
+            leftover.unlink(missing_ok=True)
         for folder in (out / "data", out):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
