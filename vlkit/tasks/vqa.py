@@ -181,21 +181,19 @@ class VQATask(Task):
         """VQA accuracy on the validation split's questions (every rank answers its share)."""
         if not self.data.val_split:
             return {}
+        ds = self.dataset(self.data.val_split, train=False)
         if is_generative(model):
-            result = answer_split(model, self.tokenizer, self.dataset(self.data.val_split, train=False), self.dist,
-                                  autocast, batch_size, prompt=self.cfg.prompt,
-                                  settings=answer_settings(self.cfg.num_beams, self.cfg.max_new_tokens))
-            metrics = vqa_metrics([p for p, _ in result], [a for _, a in result])
-            return {f"val/{self.key}/vqa_acc": float(metrics.accuracy),
-                    f"val/{self.key}/vqa_questions": float(len(result))}
-        result = answer_questions(model, self.tokenizer, self.dataset(self.data.val_split, train=False),
-                                  self.dist, autocast, batch_size)
-        majority = self.vocab(model).majority()
+            result = answer_questions(model, self.tokenizer, ds, self.dist, autocast, batch_size,
+                                      prompt=self.cfg.prompt,
+                                      settings=answer_settings(self.cfg.num_beams, self.cfg.max_new_tokens))
+        else:
+            result = answer_questions(model, self.tokenizer, ds, self.dist, autocast, batch_size)
         metrics = split_metrics(result)
-        baseline = vqa_metrics([majority] * len(result), [r.answers for r in result])
-        out = {f"val/{self.key}/vqa_acc": float(metrics.accuracy),
-               f"val/{self.key}/vqa_majority_acc": float(baseline.accuracy),
-               f"val/{self.key}/vqa_questions": float(len(result))}
+        out = {f"val/{self.key}/vqa_acc": float(metrics.accuracy)}
+        if not is_generative(model):  # the majority answer of the training answers (the head's vocabulary)
+            baseline = vqa_metrics([self.vocab(model).majority()] * len(result), [r.answers for r in result])
+            out[f"val/{self.key}/vqa_majority_acc"] = float(baseline.accuracy)
+        out[f"val/{self.key}/vqa_questions"] = float(len(result))
         if metrics.answerable_accuracy is not None:
             out[f"val/{self.key}/vqa_acc_answerable"] = float(metrics.answerable_accuracy)
         if metrics.unanswerable_accuracy is not None:
