@@ -100,6 +100,7 @@ class TextTokenizer:
         self._tok = Tokenizer.from_str(tok.to_str())
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_length)
+        self._pair_tok: Tokenizer | None = None  # made on first use by encode_with_words
         self.max_length = max_length
         self.pad_to_max = pad_to_max
 
@@ -189,7 +190,7 @@ class TextTokenizer:
     def _encode_pair(self, text: str, second: str):
         """A pair's encoding, truncated in the second sequence (both, longest first, when the text alone is
         too long)."""
-        if getattr(self, "_pair_tok", None) is None:
+        if self._pair_tok is None:
             self._pair_tok = Tokenizer.from_str(self._tok.to_str())
             self._pair_tok.enable_truncation(max_length=self.max_length, strategy="only_second")
         try:
