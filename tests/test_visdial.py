@@ -302,20 +302,23 @@ def test_tiny_albef_ranks_answers_above_chance(trained_dialogs):
     assert 0 <= m["val/vd/ndcg"] <= 100
 
 
-def test_vlkit_eval_task_visdial_scores_as_training_did(trained_dialogs, tmp_path):
+def test_vlkit_eval_task_visdial_scores_as_training_did(trained_dialogs, tmp_path, capsys):
+    from vlkit.eval.dialog import print_dialog_table
+
     data, run, m = trained_dialogs
-    r = run_cli("eval", run, "--task", "visdial", "--data", data, "--split", "val", "--json")
+    r = run_cli("eval", run, "--task", "visdial", "--data", data, "--split", "val", "--json",
+                "--report", tmp_path / "report")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["history_rounds"] == 1  # read from the run's config
     for key in ("mrr", "r1", "r5", "r10", "mean_rank", "ndcg"):
         assert out["metrics"][f"val/d/{key}"] == pytest.approx(m[f"val/vd/{key}"], abs=1e-6), key
     assert out["rounds_with_answer"] == 3 * out["images"] and out["rounds_with_relevance"] == out["images"]
-    table = run_cli("eval", run, "--task", "visdial", "--data", data, "--split", "val", "--limit", "4",
-                    "--report", tmp_path / "report")
-    assert table.returncode == 0, table.stderr
-    assert "MRR" in table.stdout and "random ranking 29.29" in table.stdout
+    assert out["chance_mrr"] == pytest.approx(m["val/vd/chance_mrr"]) and out["chance_mean_rank"] == 5.5
     assert "Visual Dialog" in (tmp_path / "report" / "index.html").read_text()
+    print_dialog_table(out)
+    table = capsys.readouterr().out
+    assert f"{'MRR':12}{out['metrics']['val/d/mrr']:8.2f}   (random ranking 29.29)" in table
 
 
 def test_vlkit_eval_task_visdial_on_data_without_dialogs_is_one_line(trained_dialogs, synth):
