@@ -164,10 +164,10 @@ def pointer_run(tmp_path_factory):
     from vlkit.train.trainer import Trainer
 
     root = tmp_path_factory.mktemp("text_synth")
-    ingest([generate_kind(root / "d", 300, "text", seed=3)], root / "d.lance", progress=False, val_fraction=0.2,
+    ingest([generate_kind(root / "d", 200, "text", seed=3)], root / "d.lance", progress=False, val_fraction=0.2,
            test_fraction=0.0)
     cfg = load_config(None, [f"datasets={{qa: {{path: {root / 'd.lance'}}}}}", "tasks=[{name: vqa, dataset: qa}]",
-                             f"output_dir={root / 'run'}", "batch_size=32", "epochs=30",
+                             f"output_dir={root / 'run'}", "batch_size=32", "epochs=20",
                              "model.args={ocr_pointer: true}", *TINY])
     metrics = Trainer(cfg).run()
     return root / "run", metrics
