@@ -231,6 +231,21 @@ def test_ray_embed_gives_the_local_embeddings(both, model_dir, tmp_path):
         torch.testing.assert_close(torch.tensor(stored[key]), torch.tensor(vector), atol=1e-5, rtol=1e-5)
 
 
+def test_failed_actor_is_one_line(both, tmp_path):
+    from vlkit.errors import VlkitError
+    from vlkit.inference.ray_embed import compute_embeddings_ray
+
+    _, _, ray_path, _ = both
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    with pytest.raises(VlkitError) as info:
+        compute_embeddings_ray(tmp_path / "model", ray_path, batch_size=8, workers=1)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and "\x1b" not in message
+    assert message.startswith(f"{ray_path}: a Ray embedding worker failed ({tmp_path / 'model' / 'config.json'}: "
+                              "invalid JSON")
+
+
 def test_missing_ray_is_one_line(sources, tmp_path):
     fake = tmp_path / "fake"
     (fake / "ray").mkdir(parents=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -138,7 +137,7 @@ class RayIngest:
         from ray import cloudpickle
 
         from vlkit.data.decode import max_pixels
-        from vlkit.utils.ray_runtime import task_pool
+        from vlkit.utils.ray_runtime import failure_line, map_batches, task_pool
 
         items = [{"chunk": i, "records": cloudpickle.dumps(list(records[start:start + fragment_rows]))}
                  for i, start in enumerate(range(0, len(records), fragment_rows))]
@@ -148,15 +147,10 @@ class RayIngest:
         try:
             # a worker lost (a node gone) is retried twice; past that (an input that kills its worker every time)
             # the ingest fails rather than retrying for ever, as Ray Data would by default
-            with warnings.catch_warnings():  # Ray 2.60 deprecates ray_remote_args but names no max_retries yet
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-                mapped = data.map_batches(_chunk_task, batch_size=1, fn_kwargs=kwargs, num_cpus=1,
-                                          max_retries=MAX_RETRIES,
-                                          compute=task_pool(self.ray, min(self.workers, len(items))))
-            rows = mapped.take_all()
+            rows = map_batches(data, _chunk_task, retries=MAX_RETRIES, batch_size=1, fn_kwargs=kwargs, num_cpus=1,
+                               compute=task_pool(self.ray, min(self.workers, len(items)))).take_all()
         except Exception as exc:  # noqa: BLE001  (a worker lost, or Ray itself failing: one line)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return [ChunkResult(-1, error=f"{type(exc).__name__}: {first}")]
+            return [ChunkResult(-1, error=failure_line(exc))]
         results = [ChunkResult(int(r["chunk"]), json.loads(r["fragments"]),
                                [Problem(*p) for p in json.loads(r["problems"])], int(r["rows"]), str(r["error"]))
                    for r in rows]

@@ -24,6 +24,10 @@ from vlkit.errors import VlkitError
 from vlkit.inference.embed import Embeddings
 
 
+MAX_RESTARTS = 2
+"""Times a lost actor is started again (and its part run again)."""
+
+
 class _OnDevice(nn.Module):
     """A model on a GPU behind the CPU interface that :func:`compute_embeddings` expects: inputs are moved to
     the device, embeddings come back to the CPU."""
@@ -102,7 +106,7 @@ def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: 
     """
     from vlkit.data.store import open_dataset
     from vlkit.errors import DataError
-    from vlkit.utils.ray_runtime import actor_pool, cluster_cpus, ray_session
+    from vlkit.utils.ray_runtime import actor_pool, cluster_cpus, failure_line, map_batches, ray_session
 
     if workers is not None and workers < 1:
         raise VlkitError("--ray-workers must be at least 1")
@@ -125,15 +129,14 @@ def compute_embeddings_ray(run: str | Path, dataset: str | Path, *, batch_size: 
                  for i, start in enumerate(range(0, total, size))]
         data = ray.data.from_items(items, override_num_blocks=len(items))
         try:
-            parts = data.map_batches(
-                _Embedder, batch_size=1, num_cpus=max(1, num_workers), num_gpus=gpus_per_worker or None,
+            parts = map_batches(
+                data, _Embedder, retries=MAX_RESTARTS, actors=True, batch_size=1, num_cpus=max(1, num_workers), num_gpus=gpus_per_worker or None,
                 fn_constructor_kwargs=dict(run=str(run), dataset=str(dataset), batch_size=batch_size,
                                            gpu=bool(gpus_per_worker), num_workers=num_workers,
                                            precision=precision),
                 compute=actor_pool(ray, min(workers, len(items)))).take_all()
         except Exception as exc:  # noqa: BLE001  (an actor failed or was lost: one line, nothing written)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise VlkitError(f"{dataset}: a Ray embedding worker failed ({type(exc).__name__}: {first}); "
+            raise VlkitError(f"{dataset}: a Ray embedding worker failed ({failure_line(exc)}); "
                              "nothing was written") from None
     return _gather(sorted(parts, key=lambda p: int(p["part"])))
 

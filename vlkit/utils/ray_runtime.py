@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from typing import Any, Iterator
 
@@ -97,3 +98,29 @@ def task_pool(ray: Any, size: int) -> Any:
 def actor_pool(ray: Any, size: int) -> Any:
     """A Ray Data compute strategy of ``size`` actors (each keeps its state, e.g. a loaded model)."""
     return ray.data.ActorPoolStrategy(size=size)
+
+
+def map_batches(data: Any, fn: Any, *, retries: int, actors: bool = False, **kwargs: Any) -> Any:
+    """``data.map_batches(fn, **kwargs)`` where a lost worker (or actor) is retried at most ``retries`` times.
+
+    Ray Data retries lost workers for ever by default, so an input that kills its worker every time (a crash
+    in a decoder) would never end the command.
+    """
+    limits = {"max_restarts": retries, "max_task_retries": retries} if actors else {"max_retries": retries}
+    with warnings.catch_warnings():  # Ray 2.60 deprecates these keyword arguments but names no replacement yet
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return data.map_batches(fn, **kwargs, **limits)
+
+
+def failure_line(exc: BaseException) -> str:
+    """One line for an error Ray raised: a vlkit error raised on a worker as its own message, else the error's
+    type and first line (Ray's colour codes removed)."""
+    cause = getattr(exc, "cause", None)  # a task's own exception, when Ray kept it
+    if isinstance(cause, VlkitError):
+        return str(cause)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    raised = re.findall(r"vlkit\.errors\.\w+: (.+)", text)  # a worker's traceback, printed into the message
+    if raised:
+        return raised[-1].strip()
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
