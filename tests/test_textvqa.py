@@ -230,3 +230,31 @@ def test_a_generative_model_reads_the_ocr_tokens_in_its_prompt(tmp_path, monkeyp
     for text in seen:  # training and evaluation prompts: "<question> ocr: <the image's tokens>"
         question, ocr = text.split(" ocr: ")
         assert ocr in tokens_of[question]
+
+
+@pytest.mark.parametrize("name", ["albef-tiny", "vilt-tiny", "vlmo-tiny"])
+def test_each_fusion_family_puts_the_pointer_beside_its_answer_head(name):
+    from vlkit.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, answers=["yes", "no", "2"], ocr_pointer=True, vocab_size=40).eval()
+    size = model.preprocess.image_size
+    images, ids = torch.randn(2, 3, size, size), torch.randint(5, 40, (2, 9))
+    positions = torch.tensor([[4, 6, 7], [5, -1, -1]])
+    with torch.no_grad():
+        both = model(images, ids, torch.ones_like(ids), head="answer", ocr_positions=positions)
+        plain = model(images, ids, torch.ones_like(ids), head="answer")  # no positions: the vocabulary alone
+    assert both.shape == (2, 3 + 3) and torch.allclose(both[:, :3], plain, atol=1e-5)
+    assert both[1, 4:].tolist() == [NO_TOKEN, NO_TOKEN] and (both[0, 3:] > NO_TOKEN).all()
+
+
+def test_a_saved_vlmo_without_a_pointer_starts_one_with_its_answer_head(tmp_path):
+    from vlkit.models.io import save_model
+    from vlkit.models.registry import create_model
+
+    saved = create_model("vlmo-tiny", answers=["yes", "no", "2"], vocab_size=40)
+    save_model(saved, tmp_path / "m")
+    loaded = create_model("vlmo-tiny", tmp_path / "m", answers=["yes", "no", "2"], ocr_pointer=True)
+    assert loaded.ocr_pointer is not None and loaded.config.ocr_pointer
+    for key, value in saved.answer_head.state_dict().items():
+        assert torch.equal(loaded.answer_head.state_dict()[key], value)

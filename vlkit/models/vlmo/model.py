@@ -28,6 +28,7 @@ from vlkit.models.vlmo.weights import frozen_parameter_names, load_vlmo_weights
 from vlkit.modules.fusion.itm import ITMHead
 from vlkit.modules.fusion.mlm import MLMHead
 from vlkit.modules.fusion.text_encoder import TextEmbeddings
+from vlkit.modules.heads.ocr_pointer import OCRPointer
 from vlkit.modules.layers.mlp import MLP
 from vlkit.modules.layers.multiway import MultiwayEncoderLayer
 from vlkit.modules.layers.patch_embed import PatchEmbed
@@ -63,6 +64,8 @@ class VLMoConfig:
         mlm_prob: probability of masking each word.
         mim_ratio: fraction of the patches masked for masked image modelling.
         answers: the answer vocabulary of a VQA classifier head (empty: no head).
+        ocr_pointer: the answer head also scores OCR tokens given after the question (a copy pointer,
+            :class:`~vlkit.modules.heads.ocr_pointer.OCRPointer`; needs ``answers``).
     """
 
     vocab_size: int = 30522
@@ -88,6 +91,7 @@ class VLMoConfig:
     mim_ratio: float = 0.4
     tie_word_embeddings: bool = True
     answers: list[str] = field(default_factory=list)
+    ocr_pointer: bool = False
     preprocess: Preprocess = field(default_factory=_default_preprocess)
 
 
@@ -153,6 +157,7 @@ class VLMo(nn.Module):
         self.mlm_head = MLMHead(c.width, c.vocab_size, c.act, c.norm_eps, tied=c.tie_word_embeddings)
         self.mim_head = nn.Linear(c.width, 3 * c.patch_size ** 2)  # normalised pixels of a patch
         self.answer_head = MLP(c.width, 2 * c.width, c.act, out_dim=len(c.answers)) if c.answers else None
+        self.ocr_pointer = OCRPointer(c.width) if c.answers and c.ocr_pointer else None
         self.apply_stage()
 
     # ----------------------------------------------------------------- housekeeping
@@ -276,15 +281,24 @@ class VLMo(nn.Module):
         cls = self.pooler(self.fuse_embedded(features, input_ids, attention_mask)[:, 0])
         return self.itm_head(cls).softmax(dim=-1)[:, 1]
 
-    def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """VQA logits over ``config.answers``, ``[batch, answers]`` (questions as ``input_ids``).
+    def answer_logits(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      ocr_positions: Tensor | None = None) -> Tensor:
+        """VQA logits over ``config.answers``, ``[batch, answers]`` (questions as ``input_ids``), followed by the
+        pointer's ``K`` OCR-token scores, ``[batch, answers + K]``, when ``ocr_positions`` ``[batch, K]`` (where
+        each OCR token starts in ``input_ids``, -1 for none) is given to a model with ``ocr_pointer``.
 
         Raises:
             VlkitError: the model has no answer head (``config.answers`` is empty).
         """
         if self.answer_head is None:
             raise VlkitError("this VLMo has no answer head: set config.answers")
-        return self.answer_head(self.fused_cls(images, input_ids, attention_mask))
+        tokens = self.fuse(images, input_ids, attention_mask)  # [batch, L + 1 + N, width]
+        pooled = self.pooler(tokens[:, 0])  # [batch, width]
+        logits = self.answer_head(pooled)  # [batch, answers]
+        if ocr_positions is None or self.ocr_pointer is None:
+            return logits
+        text = tokens[:, : input_ids.shape[1]]  # [batch, L, width]
+        return torch.cat([logits, self.ocr_pointer(pooled, text, ocr_positions).to(logits.dtype)], dim=-1)
 
     # ----------------------------------------------------------------- entry points
     def pretrain_losses(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -315,7 +329,7 @@ class VLMo(nn.Module):
         if head == "itm":
             return self.itm_scores(images, input_ids, attention_mask)
         if head == "answer":
-            return self.answer_logits(images, input_ids, attention_mask)
+            return self.answer_logits(images, input_ids, attention_mask, **kwargs)
         if head == "cls":
             return self.fused_cls(images, input_ids, attention_mask)
         raise VlkitError(f"unknown VLMo head {head!r}; choose contrastive, pretrain, itm, answer or cls")

@@ -41,7 +41,8 @@ def load_vlmo_weights(model: nn.Module, path: str | Path) -> None:
     From a model directory, the sizes, token ids and preprocessing of the saved model replace the model's own
     (the model is rebuilt when they differ: e.g. a tiny model's word vocabulary is the saved one), while
     ``stage``, ``mlm_prob``, ``mim_ratio`` and ``dropout`` stay as the model was built. An answer head whose
-    answers differ from the saved ones (or that the saved model lacks) keeps its fresh initialisation.
+    answers differ from the saved ones (or that the saved model lacks) keeps its fresh initialisation, and so
+    does an OCR pointer the saved model lacks.
 
     Raises:
         VlkitError: not a VLMo, missing weights, or weights that do not fit.
@@ -54,7 +55,8 @@ def load_vlmo_weights(model: nn.Module, path: str | Path) -> None:
             raise VlkitError(f"{path}: a {meta.get('architecture')!r} model, not a VLMo")
         saved = config_from_dict(type(config), meta["config"], f"{path}/config.json")
         merged = dataclasses.replace(saved, **{name: getattr(config, name) for name in RUN_FIELDS},
-                                     answers=list(config.answers or saved.answers))
+                                     answers=list(config.answers or saved.answers),
+                                     ocr_pointer=config.ocr_pointer or saved.ocr_pointer)
         if merged != config:
             model._build(merged)
         file = path / WEIGHTS_NAME
@@ -65,8 +67,10 @@ def load_vlmo_weights(model: nn.Module, path: str | Path) -> None:
         raise VlkitError(f"{path}: no weights found ({file.name} missing)")
     state = load_file(str(file))
     if not same_answers:
-        state = {k: v for k, v in state.items() if not k.startswith("answer_head.")}
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("answer_head.")})
+        state = {k: v for k, v in state.items() if not k.startswith(("answer_head.", "ocr_pointer."))}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith(("answer_head.", "ocr_pointer."))})
+    elif not any(k.startswith("ocr_pointer.") for k in state):  # a pointer added to a saved answer head
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("ocr_pointer.")})
     check_keys(model, state, str(file))
     model.load_state_dict(state, strict=True)
     model.apply_stage()
