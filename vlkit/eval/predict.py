@@ -6,7 +6,8 @@ lines:
 
 * retrieval: one line per image (``"query": "image"``) with its top-k captions, and one per caption
   (``"query": "caption"``) with its top-k images, each hit with its cosine similarity and ``correct`` (the
-  pair belongs together in the dataset);
+  pair belongs together in the dataset); equal scores put the correct pair first, as ``vlkit eval`` counts
+  ties, so the share of queries with a correct hit among the first K is its recall@K;
 * zeroshot, linear-probe, classification: ``class`` (the top class) and its ``label``, ``probabilities`` of the top-k
   classes (softmax of the classification head's logits; of the probe's decision scores; of 100 times the
   zero-shot cosine similarities, CLIP's temperature), ``true_class`` and ``true_label``; classification lines
@@ -125,27 +126,47 @@ def predict(model_path: str | Path, task: str, dataset: str | Path, split: str =
     return Predictions(result, lines, fmt)
 
 
-def retrieval_lines(result, top_k: int) -> list[dict[str, Any]]:
-    """Each image's top-k captions, then each caption's top-k images, by cosine similarity (ties by position)."""
+def ranked(scores: torch.Tensor, correct: torch.Tensor, k: int) -> torch.Tensor:
+    """``[queries, k]`` candidate positions by descending score; equal scores put the query's own pairs
+    first, as the recall of ``vlkit eval`` counts ties (:mod:`vlkit.metrics.retrieval`), then keep order.
+
+    Args:
+        scores: ``[queries, candidates]``.
+        correct: ``[queries, candidates]`` bool, the pairs the dataset holds.
+        k: candidates kept per query.
+    """
+    own_first = torch.sort(correct.to(torch.int8), dim=1, descending=True, stable=True).indices
+    by_score = torch.sort(scores.gather(1, own_first), dim=1, descending=True, stable=True).indices[:, :k]
+    return own_first.gather(1, by_score)
+
+
+def retrieval_lines(result, top_k: int, chunk: int = 256) -> list[dict[str, Any]]:
+    """Each image's top-k captions, then each caption's top-k images, by cosine similarity."""
     emb = result.embeddings
     if emb is None:
         raise VlkitError("predict --task retrieval ranks by image and text embeddings, which this model lacks "
                          "(a fusion-only model scores pairs: use vlkit eval --task retrieval)")
-    sims = emb.image.float() @ emb.text.float().T  # [images, captions]
-    owner = emb.caption_image.tolist()
+    image, text, owner = emb.image.float(), emb.text.float(), emb.caption_image.long()
     lines = []
-    k = min(top_k, sims.shape[1])
-    for i, image_id in enumerate(emb.ids):
-        order = torch.sort(sims[i], descending=True, stable=True).indices[:k].tolist()
-        lines.append({"query": "image", "id": image_id,
-                      "captions": [{"caption": emb.captions[j], "score": float(sims[i, j]), "correct": owner[j] == i}
-                                   for j in order]})
-    k = min(top_k, sims.shape[0])
-    for j, caption in enumerate(emb.captions):
-        order = torch.sort(sims[:, j], descending=True, stable=True).indices[:k].tolist()
-        lines.append({"query": "caption", "caption": caption, "id": emb.ids[owner[j]],
-                      "images": [{"id": emb.ids[i], "score": float(sims[i, j]), "correct": i == owner[j]}
-                                 for i in order]})
+    k = min(top_k, len(text))
+    for start in range(0, len(image), chunk):
+        rows = torch.arange(start, min(start + chunk, len(image)))
+        sims = image[rows] @ text.T  # [chunk, captions]
+        top = ranked(sims, owner[None, :] == rows[:, None], k).tolist()
+        for r, order in zip(rows.tolist(), top):
+            lines.append({"query": "image", "id": emb.ids[r], "captions": [
+                {"caption": emb.captions[j], "score": float(sims[r - start, j]), "correct": int(owner[j]) == r}
+                for j in order]})
+    k = min(top_k, len(image))
+    for start in range(0, len(text), chunk):
+        cols = torch.arange(start, min(start + chunk, len(text)))
+        sims = text[cols] @ image.T  # [chunk, images]
+        mine = owner[cols]
+        top = ranked(sims, torch.arange(len(image))[None, :] == mine[:, None], k).tolist()
+        for c, order in zip(cols.tolist(), top):
+            lines.append({"query": "caption", "caption": emb.captions[c], "id": emb.ids[int(owner[c])], "images": [
+                {"id": emb.ids[i], "score": float(sims[c - start, i]), "correct": i == int(owner[c])}
+                for i in order]})
     return lines
 
 
