@@ -9,22 +9,26 @@ import sys
 
 from vlkit.cli import add_precision
 
-TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning")
+TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning",
+                "visdial")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand to ``sub``."""
     p = sub.add_parser(
         "eval",
-        help="evaluate a trained model: retrieval, zero-shot, linear probe, classification, VQA or captioning",
+        help="evaluate a trained model: retrieval, zero-shot, linear probe, classification, VQA, captioning or "
+        "Visual Dialog",
         description="Run a trained model over one split of a dataset and score it: image-text retrieval "
         "(recall@1/5/10 and ranks both ways), zero-shot classification with prompt templates (top-1/top-5, "
         "mean per-class recall, confusion matrix), a linear probe (logistic regression on the frozen image "
         "embeddings of the training split), image-text classification such as SNLI-VE visual entailment (the "
         "classification head trained with the model: accuracy, per-class recall, confusion matrix), VQA "
         "accuracy (an answer head, or answers a generative model "
-        "writes) or captioning (a caption written per image, scored against the references with BLEU-1..4, "
-        "METEOR, ROUGE-L and CIDEr-D after PTB tokenisation). Metrics are named SPLIT/DATASET/METRIC.",
+        "writes), captioning (a caption written per image, scored against the references with BLEU-1..4, "
+        "METEOR, ROUGE-L and CIDEr-D after PTB tokenisation) or Visual Dialog (visdial: the answer options of "
+        "every dialog round ranked by the image-text matching head: MRR, R@1/5/10, mean rank, NDCG). Metrics "
+        "are named SPLIT/DATASET/METRIC.",
     )
     p.add_argument("model", metavar="RUN_OR_CHECKPOINT",
                    help="a run directory, a model directory (config.json + model.safetensors) or a checkpoint "
@@ -103,6 +107,10 @@ def _print_table(summary: dict, result) -> None:
             print("majority baseline left out: the evaluated questions have no human answers")
     elif summary["task"] == "captioning":
         _print_captioning(summary)
+    elif summary["task"] == "visdial":
+        from vlkit.eval.dialog import print_dialog_table
+
+        print_dialog_table(summary)
     else:
         m = result.classification
         extra = ""

@@ -25,7 +25,7 @@ from vlkit.inference.embed import Embeddings, compute_embeddings
 from vlkit.inference.loading import load_for_inference
 from vlkit.tasks.labels import classes_present, require_labels
 
-TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning")
+TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning", "visdial")
 #: what the captioning report and the COCO results need of each written caption
 CAPTION_FIELDS = ("index", "id", "caption", "score", "references", "cider")
 
@@ -297,8 +297,10 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
             ``linear-probe`` (logistic regression on frozen image embeddings, fitted on ``train_split``),
             ``classification`` (accuracy, per-class recall and confusion of the classification head trained
             with the model, on (image, caption) pairs such as SNLI-VE's),
-            ``vqa`` (VQA accuracy of an answer head or of generated answers) or ``captioning`` (BLEU-1..4,
-            METEOR, ROUGE-L, CIDEr-D of generated captions against the references).
+            ``vqa`` (VQA accuracy of an answer head or of generated answers), ``captioning`` (BLEU-1..4,
+            METEOR, ROUGE-L, CIDEr-D of generated captions against the references) or ``visdial`` (the answer
+            options of every dialog round ranked by the ITM head: MRR, R@1/5/10, mean rank, NDCG;
+            :mod:`vlkit.eval.dialog`).
         dataset: a vlkit Lance dataset.
         split: the split to evaluate.
         train_split: the split the linear probe is fitted on.
@@ -347,6 +349,10 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         _require_captions(data, split, task, limit if task == "captioning" else None)
     elif task == "vqa":
         _require_questions(data, split)
+    elif task == "visdial":  # dialog rounds with answer options (vlkit.eval.dialog)
+        from vlkit.eval.dialog import require_dialogs
+
+        require_dialogs(data, split, limit)
     else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
         require_labels(data, split, {"zeroshot": "zero-shot classification", "classification":
                                      "--task classification"}.get(task, "the linear probe"))
@@ -375,6 +381,10 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         from vlkit.eval.classify import evaluate_classification
 
         result = evaluate_classification(loaded, data, split, base, prefix, batch_size, limit, num_workers, progress)
+    elif task == "visdial":
+        from vlkit.eval.dialog import evaluate_dialog
+
+        result = evaluate_dialog(loaded, data, split, base, prefix, batch_size, limit, progress)
     elif task == "vqa":
         result = _evaluate_vqa(loaded, data, split, base, prefix, batch_size, limit, settings, prompt)
     elif task == "captioning":

@@ -218,6 +218,10 @@ def write_report(result: EvalResult, out_dir: str | Path) -> Path:
             from vlkit.eval.caption_report import caption_body
 
             body = caption_body(result, tmp, _table)
+        elif result.task == "visdial":
+            from vlkit.eval.dialog import dialog_body
+
+            body = dialog_body(result, _table)
         else:
             body = _classification_body(result, tmp)
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
