@@ -9,7 +9,7 @@ import sys
 
 from vlkit.cli import add_precision
 
-TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning",
+TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "classification", "nlvr2", "vqa", "captioning",
                 "visdial")
 
 
@@ -17,13 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand to ``sub``."""
     p = sub.add_parser(
         "eval",
-        help="evaluate a trained model: retrieval, zero-shot, linear probe, classification, VQA, captioning or "
-        "Visual Dialog",
+        help="evaluate a trained model: retrieval, zero-shot, linear probe, classification, NLVR2, VQA, "
+        "captioning or Visual Dialog",
         description="Run a trained model over one split of a dataset and score it: image-text retrieval "
         "(recall@1/5/10 and ranks both ways), zero-shot classification with prompt templates (top-1/top-5, "
         "mean per-class recall, confusion matrix), a linear probe (logistic regression on the frozen image "
         "embeddings of the training split), image-text classification such as SNLI-VE visual entailment (the "
-        "classification head trained with the model: accuracy, per-class recall, confusion matrix), VQA "
+        "classification head trained with the model: accuracy, per-class recall, confusion matrix), NLVR2 (is "
+        "a sentence true of two images: the accuracy of the pair head trained with the model), VQA "
         "accuracy (an answer head, or answers a generative model "
         "writes), captioning (a caption written per image, scored against the references with BLEU-1..4, "
         "METEOR, ROUGE-L and CIDEr-D after PTB tokenisation) or Visual Dialog (visdial: the answer options of "
@@ -120,6 +121,9 @@ def _print_table(summary: dict, result) -> None:
             extra = f", {len(summary['templates'])} templates"
         elif summary["task"] == "classification":
             extra = f", each image paired with its {summary['text']}"
+        elif summary["task"] == "nlvr2":
+            extra = (f" (false, true): each image one of a pair, read with the pair's sentence; "
+                     f"{summary['true_share']:.1f} % of the sentences true")
         print(f"{summary['images']} images, {summary['classes']} classes{extra}")
         present = summary["classes_present"]
         shown = ", ".join(present[:12]) + (" ..." if len(present) > 12 else "")

@@ -25,7 +25,7 @@ from vlkit.inference.embed import Embeddings, compute_embeddings
 from vlkit.inference.loading import load_for_inference
 from vlkit.tasks.labels import classes_present, require_labels
 
-TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning", "visdial")
+TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "nlvr2", "vqa", "captioning", "visdial")
 #: what the captioning report and the COCO results need of each written caption
 CAPTION_FIELDS = ("index", "id", "caption", "score", "references", "cider")
 
@@ -92,7 +92,7 @@ class EvalResult:
                 name: (None if math.isnan(v) else v)
                 for name, v in zip(self.class_names, self.classification.per_class_recall.tolist())
             }
-            if self.task == "classification":  # a few classes: the whole matrix (rows true, columns predicted)
+            if self.task in ("classification", "nlvr2"):  # few classes: the whole matrix (rows true)
                 out["confusion"] = {"classes": list(self.class_names), "matrix": self.classification.confusion.tolist()}
         return out
 
@@ -296,7 +296,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         task: ``retrieval`` (recall@K both ways), ``zeroshot`` (classification by prompts),
             ``linear-probe`` (logistic regression on frozen image embeddings, fitted on ``train_split``),
             ``classification`` (accuracy, per-class recall and confusion of the classification head trained
-            with the model, on (image, caption) pairs such as SNLI-VE's),
+            with the model, on (image, caption) pairs such as SNLI-VE's), ``nlvr2`` (accuracy of the NLVR2 head
+            trained with the model on rows of two images and a sentence: :mod:`vlkit.eval.pairs`),
             ``vqa`` (VQA accuracy of an answer head or of generated answers), ``captioning`` (BLEU-1..4,
             METEOR, ROUGE-L, CIDEr-D of generated captions against the references) or ``visdial`` (the answer
             options of every dialog round ranked by the ITM head: MRR, R@1/5/10, mean rank, NDCG;
@@ -353,6 +354,10 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         from vlkit.eval.dialog import require_dialogs
 
         require_dialogs(data, split, limit)
+    elif task == "nlvr2":  # pairs of images with a sentence and a true/false label (vlkit.eval.pairs)
+        from vlkit.eval.pairs import require_pairs
+
+        require_pairs(data, split, limit)
     else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
         require_labels(data, split, {"zeroshot": "zero-shot classification", "classification":
                                      "--task classification"}.get(task, "the linear probe"))
@@ -377,14 +382,18 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         result = EvalResult(**base, metrics=zs.metrics.as_dict(prefix), details=details, embeddings=zs.embeddings,
                             classification=zs.metrics, class_names=zs.class_names, scores=zs.scores,
                             labels=zs.labels)
-    elif task == "classification":
-        from vlkit.eval.classify import evaluate_classification
-
-        result = evaluate_classification(loaded, data, split, base, prefix, batch_size, limit, num_workers, progress)
     elif task == "visdial":
         from vlkit.eval.dialog import evaluate_dialog
 
         result = evaluate_dialog(loaded, data, split, base, prefix, batch_size, limit, progress)
+    elif task == "nlvr2":
+        from vlkit.eval.pairs import evaluate_nlvr2
+
+        result = evaluate_nlvr2(loaded, data, split, base, prefix, batch_size, limit, num_workers, progress)
+    elif task == "classification":
+        from vlkit.eval.classify import evaluate_classification
+
+        result = evaluate_classification(loaded, data, split, base, prefix, batch_size, limit, num_workers, progress)
     elif task == "vqa":
         result = _evaluate_vqa(loaded, data, split, base, prefix, batch_size, limit, settings, prompt)
     elif task == "captioning":

@@ -144,7 +144,8 @@ def _vqa_body(result: EvalResult) -> str:
 
 def _classification_body(result: EvalResult, out: Path) -> str:
     m, names = result.classification, result.class_names
-    title = {"zeroshot": "Zero-shot classification", "classification": "Image-text classification"}.get(
+    title = {"zeroshot": "Zero-shot classification", "classification": "Image-text classification",
+             "nlvr2": "NLVR2: is the sentence true of the two images"}.get(
         result.task, "Linear probe")
     k = min(5, m.num_classes)
     d = result.details
@@ -174,7 +175,7 @@ def _classification_body(result: EvalResult, out: Path) -> str:
     parts.append(_figure("per_class.png", "Share of each class's images classified correctly, best first."))
     figures.confusion_figure(confusion, names, out / "confusion.png", f"{title}: confusion matrix")
     parts.append(_figure("confusion.png", "Rows: true class; columns: predicted class."))
-    if result.task == "classification":
+    if result.task in ("classification", "nlvr2"):
         parts.append("<h2>Confusion matrix</h2>")
         parts.append(_table(["true \\ predicted", *names, "recall %"],
                             [[html.escape(names[i]), *(str(int(c)) for c in confusion[i]), _fmt(recall[i])]

@@ -20,7 +20,7 @@ def register_task(name: str):
 
 
 def build_task(name: str, *args, **kwargs):
-    from vlkit.tasks import captioning, classification, itm, retrieval, vqa  # noqa: F401  (registers the built-in tasks)
+    from vlkit.tasks import captioning, classification, itm, nlvr2, retrieval, vqa  # noqa: F401  (the built-in tasks)
     from vlkit.tasks import visdial  # noqa: F401
 
     if name not in TASKS:

@@ -177,7 +177,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.dist.device, cfg.peak_flops)
         self.tasks = [build_task(t.name, t.dataset, t, cfg.datasets[t.dataset], self.tokenizer,
                                  unwrap(self.model).preprocess, self.dist, seed=cfg.seed, augment=cfg.augment,
-                                 **({"model": self.model} if t.name == "classification" else {}))
+                                 **({"model": self.model} if t.name in ("classification", "nlvr2") else {}))
                       for t in cfg.tasks]
         for task in self.tasks:
             task.to(self.dist.device)
@@ -518,6 +518,11 @@ class Trainer:
             save_model(final, self.run_dir / "model", self.tokenizer, extra, classifier=head)
             if self.ema is not None:
                 save_model(self.ema.module, self.run_dir / "model_ema", self.tokenizer, extra, classifier=head)
+            for task in self.tasks:  # heads a task writes beside the model itself (nlvr2)
+                if hasattr(task, "save_beside"):
+                    task.save_beside(self.run_dir / "model")
+                    if self.ema is not None:
+                        task.save_beside(self.run_dir / "model_ema")
             if self.log is not None:
                 self.log.close()
         D.teardown()
