@@ -326,3 +326,16 @@ def test_vlkit_eval_task_visdial_on_data_without_dialogs_is_one_line(trained_dia
     r = run_cli("eval", run, "--task", "visdial", "--data", synth, "--split", "val")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "no dialogs" in r.stderr
+
+
+def test_dialog_keys_belong_to_the_visdial_task(tmp_path):
+    from vlkit.config.load import load_config
+    from vlkit.errors import VlkitError
+
+    data = f"datasets={{a: {{path: {tmp_path / 'a.lance'}}}}}"
+    with pytest.raises(VlkitError, match=r"tasks\.0\.negatives: only the visdial task reads it"):
+        load_config(None, [data, "tasks=[{name: vqa, dataset: a, negatives: 3}]"])
+    with pytest.raises(VlkitError, match=r"tasks\.0\.negatives"):
+        load_config(None, [data, "tasks=[{name: visdial, dataset: a, negatives: 0}]"])
+    cfg = load_config(None, [data, "tasks=[{name: visdial, dataset: a, negatives: 3, history_rounds: 0}]"])
+    assert (cfg.tasks[0].negatives, cfg.tasks[0].history_rounds) == (3, 0)

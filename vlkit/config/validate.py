@@ -205,6 +205,7 @@ def _sampling_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[s
 GENERATION_KEYS = ("label_smoothing", "num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size",
                    "eval_images")
 GENERATIVE_TASKS = ("captioning", "vqa")
+DIALOG_KEYS = ("negatives", "history_rounds")  # the visdial task's
 
 
 def _task_checks(cfg: TrainConfig, problems: list[str]) -> None:
@@ -224,6 +225,12 @@ def _task_checks(cfg: TrainConfig, problems: list[str]) -> None:
                     listed = ", ".join(sorted(known)) or "none registered"
                     problems.append(f"tasks.{i}.metrics.{j}: task {task.name} has no metric {metric!r} ({listed}); "
                                     f"register it with vlkit.metrics.registry.register_metric in a module of imports")
+        if task.name != "visdial":
+            for key in DIALOG_KEYS:
+                value = getattr(task, key)
+                if ok(value) and value != field_default(fields(type(task))[key]):
+                    problems.append(f"tasks.{i}.{key}: only the visdial task reads it (task is {task.name!r}); "
+                                    "remove it")
         if not ok(task.loss):
             continue
         allowed = loss_names(task.name)
