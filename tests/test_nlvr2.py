@@ -265,8 +265,8 @@ def test_task_learns_above_chance_on_held_out_pairs(pairs, pairs_run):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["pairs"] >= 60
-    assert out["metrics"]["test/synth/accuracy"] > 62  # chance and the majority answer are about 50
-    assert out["metrics"]["test/synth/majority_accuracy"] < 60
+    accuracy, majority = out["metrics"]["test/synth/accuracy"], out["metrics"]["test/synth/majority_accuracy"]
+    assert accuracy > 62 and accuracy > majority + 5  # chance is 50, always answering the commoner label 59
 
 
 def test_eval_matches_a_slow_loop(pairs, pairs_run):
