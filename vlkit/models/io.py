@@ -79,8 +79,9 @@ def save_model(model: nn.Module, directory: str | Path, tokenizer=None, extra_fi
     """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) into ``directory``.
 
     ``extra_files`` (name -> text) are written beside them, and a ``classifier`` head as
-    ``classifier.safetensors`` + ``classifier.json`` (read back by :func:`load_classifier`). The files are written to a temporary directory beside it, then moved into place, so an interrupted
-    save never leaves a half-written model. An existing ``directory`` is replaced only when it is empty or a
+    ``classifier.safetensors`` + ``classifier.json`` (read back by :func:`load_classifier`). The files are
+    written to a temporary directory beside it, then moved into place, so an interrupted save never leaves a
+    half-written model. An existing ``directory`` is replaced only when it is empty or a
     vlkit model folder (its ``config.json`` carries ``vlkit_version``), never another tool's model folder.
 
     Raises:
