@@ -329,3 +329,58 @@ def test_eval_refusals(synth, pairs, pairs_run, tmp_path):
     save_model(create_model("albef-tiny"), tmp_path / "albef")  # a fusion model trained without the task
     res = run_cli("eval", tmp_path / "albef", "--task", "nlvr2", "--data", pairs / "synth.lance", "--split", "val")
     assert res.returncode == 2 and "has no NLVR2 head (nlvr2_head.safetensors)" in res.stderr
+
+
+def test_pairs_appended_to_a_single_image_dataset(tmp_path):
+    """A dataset of single images gains image2 when pairs are ingested into it: its rows stay as they were (no
+    second image), the loader without pairs reads every row, with pairs only the pairs."""
+    from vlkit.data.dataset import LanceImageTextDataset
+    from vlkit.data.ingest import ingest
+    from vlkit.data.store import open_dataset
+
+    mixed = tmp_path / "mixed.lance"
+    singles = tmp_path / "singles"
+    for k in range(5):
+        _png(singles / f"{k}.png", (50 * k, 0, 0))
+    (singles / "c.jsonl").write_text("".join(json.dumps({"image": f"{k}.png", "text": f"caption {k}"}) + "\n"
+                                             for k in range(5)))
+    ingest([singles / "c.jsonl"], mixed, split="train", progress=False)
+    before = open_dataset(mixed).to_table(columns=["id", "captions"]).to_pylist()
+    source, _ = _official(tmp_path / "nlvr2")
+    ingest([source], mixed, split="train", progress=False)
+    ds = open_dataset(mixed)
+    table = ds.to_table(columns=["id", "captions", "image2"])
+    assert table.num_rows == len(before) + 7
+    assert table.slice(0, len(before)).select(["id", "captions"]).to_pylist() == before
+    assert table.column("image2").null_count == len(before)
+    every = LanceImageTextDataset(mixed, "train", None, None, captions="first")
+    only_pairs = LanceImageTextDataset(mixed, "train", None, None, captions="first", pairs=True)
+    assert len(only_pairs) == 7 and len(every) == 5 + 7
+    assert sorted(only_pairs.__getitems__(list(range(7)))["id"]) == sorted(
+        r["id"] for r in table.to_pylist() if r["image2"] is not None)
+
+
+@pytest.mark.parametrize("name", ["vilt-tiny", "albef-tiny"])
+def test_pair_logits_against_one_image_at_a_time(name):
+    """Both images in one forward pass give what each image fused alone gives, for both fusion families."""
+    from vlkit.models.registry import create_model
+    from vlkit.tasks.nlvr2 import PairHead, fused_width, pair_logits
+
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    head = PairHead(fused_width(model)).eval()
+    size = model.preprocess.image_size
+    images, images2 = torch.randn(3, 3, size, size), torch.randn(3, 3, size, size)
+    ids = torch.tensor([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0]])
+
+    def tokenizer(texts):
+        assert len(texts) == 3
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    with torch.no_grad():
+        got = pair_logits(model, head, tokenizer, images, images2, ["a", "b", "c"], torch.device("cpu"))
+        for i in range(3):
+            mask = (ids[i:i + 1] != 0).long()
+            left = model(images[i:i + 1], ids[i:i + 1], mask, head="cls")
+            right = model(images2[i:i + 1], ids[i:i + 1], mask, head="cls")
+            torch.testing.assert_close(got[i:i + 1], head(left, right), atol=1e-5, rtol=1e-4)
