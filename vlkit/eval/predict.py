@@ -113,6 +113,10 @@ def predict(model_path: str | Path, task: str, dataset: str | Path, split: str =
     elif task == "vqa":
         lines = vqa_lines(result, data)
         if fmt == "official":
+            missing = next((line for line in lines if line.get("question_id") is None), None)
+            if missing is not None:
+                raise DataError(f"{data}: row {missing['id']!r}: question {missing['question_index']} has no "
+                                "question_id, which the official VQA format answers by; use --format jsonl")
             lines = [{"question_id": line["question_id"], "answer": line["answer"]} for line in lines]
     elif task == "captioning":
         if fmt == "official":
@@ -212,8 +216,6 @@ def vqa_lines(result, data) -> list[dict[str, Any]]:
     for (row, k, question), sample in zip(asked, result.samples):
         ids = row.get("question_id") or []
         qid = ids[k] if k < len(ids) else None
-        if qid is None and "question_id" in row:
-            raise DataError(f"{data}: row {row['id']!r}: question {k} has no question_id")
         line = {"id": row["id"], "question_index": k, "question": question, "answer": sample["answer"],
                 "score": sample.get("score")}
         if "question_id" in row:
