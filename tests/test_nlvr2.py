@@ -225,6 +225,17 @@ def test_synthetic_pairs_cli_and_every_kind(tmp_path):
     info = run_cli("data", "info", tmp_path / "p" / "synth.lance")
     assert "pairs       40 rows of two images" in info.stdout
     assert len(SENTENCE_KINDS) == 6
+    res = run_cli("data", "synth", "--kind", "pairs", "--sentences", "background,color", "--out", tmp_path / "b",
+                  "--n", "30", "--image-size", "32")
+    assert res.returncode == 0, res.stderr
+    written = (tmp_path / "b" / "synth.jsonl").read_text().splitlines()
+    said = {json.loads(x)["sentence"].split()[-1] for x in written}
+    assert said == {"background", "object"}
+    for bad in (["--sentences", "color,nope"], ["--sentences", ""]):
+        res = run_cli("data", "synth", "--kind", "pairs", *bad, "--out", tmp_path / "c", "--n", "3")
+        assert res.returncode == 2 and "sentence kinds" in res.stderr and not (tmp_path / "c").exists()
+    res = run_cli("data", "synth", "--sentences", "color", "--out", tmp_path / "c", "--n", "3")
+    assert res.returncode == 2 and "--sentences applies to --kind pairs only" in res.stderr
 
 
 def test_contact_sheet_shows_both_images(tmp_path):

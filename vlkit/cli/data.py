@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "counts pairs), entailment (SNLI-VE lines: each image with an entailed, a neutral and a "
                        "contradicted hypothesis) or dialog (VisDial: a caption and three rounds about colour, shape "
                        "and count with 10 answer options each, written as a VisDial file with dense annotations)")
+    synth.add_argument("--sentences", metavar="KINDS",
+                       help="pairs: the kinds of sentence, comma-separated, from color, shape, both, and, count, "
+                       "background (default: all)")
     synth.set_defaults(func=run_synth)
 
 
@@ -97,8 +100,18 @@ def run_synth(args: argparse.Namespace) -> int:
     from vlkit.data.synth_qa import generate_kind
 
     out = Path(args.out)
-    jsonl = generate_kind(out, args.n, args.kind, seed=args.seed, image_size=args.image_size,
-                          image_format=args.format)
+    if args.sentences is not None:  # NLVR2 pairs with chosen kinds of sentence (checked before any write)
+        from vlkit.data.synth_pairs import generate_pairs
+        from vlkit.errors import VlkitError
+
+        if args.kind != "pairs":
+            raise VlkitError("--sentences applies to --kind pairs only")
+        kinds = [k.strip() for k in args.sentences.split(",") if k.strip()]
+        jsonl = generate_pairs(out, args.n, seed=args.seed, image_size=args.image_size, image_format=args.format,
+                               kinds=kinds)
+    else:
+        jsonl = generate_kind(out, args.n, args.kind, seed=args.seed, image_size=args.image_size,
+                              image_format=args.format)
     report = ingest([jsonl], out / "synth.lance", progress=False)
     print(f"wrote {args.n} images and {jsonl}")
     print(report.summary())

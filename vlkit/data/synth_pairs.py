@@ -151,7 +151,8 @@ def generate_pairs(out_dir: str | Path, n: int, seed: int = 0, image_size: int =
     _check_args(n, seed, image_size, image_format)
     unknown = [k for k in kinds if k not in SENTENCE_KINDS]
     if unknown or not kinds:
-        raise VlkitError(f"unknown sentence kinds {unknown}; choose from {', '.join(SENTENCE_KINDS)}")
+        what = f"unknown sentence kinds {', '.join(unknown)}" if unknown else "no sentence kinds given"
+        raise VlkitError(f"{what}; choose from {', '.join(SENTENCE_KINDS)}")
     out = Path(out_dir)
     check_output_dir(out, "synth")
     ext = IMAGE_FORMATS[image_format]
