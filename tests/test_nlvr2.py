@@ -269,12 +269,15 @@ def pairs_run(pairs, tmp_path_factory):
     return run, metrics, trainer.tasks[0]
 
 
-def test_task_learns_above_chance_on_held_out_pairs(pairs, pairs_run):
+def test_task_learns_above_chance_on_held_out_pairs(pairs, pairs_run, tmp_path):
     run, metrics, task = pairs_run
     assert metrics["val/pairs/accuracy"] > 60
-    res = run_cli("eval", run, "--task", "nlvr2", "--data", pairs / "synth.lance", "--split", "test", "--json")
+    res = run_cli("eval", run, "--task", "nlvr2", "--data", pairs / "synth.lance", "--split", "test", "--json",
+                  "--report", tmp_path / "report")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "NLVR2: is the sentence true of the two images" in page and "Confusion matrix" in page
     assert out["pairs"] >= 60
     accuracy, majority = out["metrics"]["test/synth/accuracy"], out["metrics"]["test/synth/majority_accuracy"]
     assert accuracy > 62 and accuracy > majority + 5  # chance is 50, always answering the commoner label 59
