@@ -398,3 +398,15 @@ def test_pair_logits_against_one_image_at_a_time(name):
             left = model(images[i:i + 1], ids[i:i + 1], mask, head="cls")
             right = model(images2[i:i + 1], ids[i:i + 1], mask, head="cls")
             torch.testing.assert_close(got[i:i + 1], head(left, right), atol=1e-5, rtol=1e-4)
+
+
+def test_training_on_single_images_is_refused_before_any_step(synth, tmp_path):
+    from vlkit.config.load import load_config
+    from vlkit.errors import DataError
+    from vlkit.train.trainer import Trainer
+
+    cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", "tasks=[{name: nlvr2, dataset: synth}]",
+                             "model.name=albef-tiny", f"output_dir={tmp_path / 'run'}", "progress=false"])
+    with pytest.raises(DataError, match="has no column 'image2', which task nlvr2 reads"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
