@@ -28,19 +28,23 @@ SPLITS = {"train": "train", "dev": "val", "val": "val", "test": "test", "test1":
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 KNOWN = {"identifier", "sentence", "label", "left", "right", "split"}
 _LABELS = {"true": 1, "false": 0}
+_PEEK_BYTES = 1 << 16  # an NLVR2 line is a few hundred bytes; a longer first line is some other JSON
 
 
 def is_nlvr2(path: Path) -> bool:
-    """Whether the first line of ``path`` is an NLVR2 object (``identifier`` and ``sentence``, no ``image``)."""
+    """Whether the first line of ``path`` is an NLVR2 object (``identifier`` and ``sentence``, no ``image``).
+
+    Reads at most the first 64 KiB, so a large single-line JSON file (COCO) is not parsed here."""
     try:
         with open(path, "rb") as fh:
-            for raw in fh:
-                if raw.strip():
-                    obj = json.loads(raw.decode("utf-8"))
-                    return isinstance(obj, dict) and "identifier" in obj and "sentence" in obj and "image" not in obj
+            raw = fh.read(_PEEK_BYTES).lstrip()
+        line = raw.split(b"\n", 1)[0]  # cut short by the peek, it does not parse: not NLVR2
+        if not line.startswith(b"{"):
+            return False
+        obj = json.loads(line.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return False
+    return isinstance(obj, dict) and "identifier" in obj and "sentence" in obj and "image" not in obj
 
 
 def pair_stem(identifier: str) -> str:
