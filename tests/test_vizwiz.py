@@ -147,3 +147,12 @@ def test_tiny_albef_learns_answerable_and_unanswerable_questions(unanswerable_da
     # per answer type too; the synthetic "unanswerable" type is exactly the unanswerable questions
     assert m["val/qa/vqa_acc_type_unanswerable"] == pytest.approx(no)
     assert {"val/qa/vqa_acc_type_yes_no", "val/qa/vqa_acc_type_number", "val/qa/vqa_acc_type_other"} <= set(m)
+    # vlkit eval reports the same breakdown as the trainer's validation, from the saved model
+    import json
+
+    r = run_cli("eval", tmp_path / "run", "--task", "vqa", "--data", unanswerable_data, "--split", "val", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)["metrics"]
+    name = unanswerable_data.stem
+    for key in ("vqa_acc", "vqa_acc_answerable", "vqa_acc_unanswerable", "vqa_acc_type_number"):
+        assert got[f"val/{name}/{key}"] == pytest.approx(m[f"val/qa/{key}"], abs=1e-6), key

@@ -198,7 +198,7 @@ def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, ba
     from vlkit.data.dataset import LanceImageTextDataset
     from vlkit.inference.interface import is_generative
     from vlkit.metrics.vqa import vqa_metrics
-    from vlkit.tasks.vqa import QA_COLUMNS, answer_questions, answer_settings, model_answers
+    from vlkit.tasks.vqa import QA_COLUMNS, answer_questions, answer_settings, breakdown, model_answers, split_metrics
     from vlkit.train.distributed import DistInfo
 
     generative = is_generative(loaded.model)
@@ -219,8 +219,8 @@ def _evaluate_vqa(loaded, dataset: Path, split: str, base: dict, prefix: str, ba
     pairs = [(r.prediction, r.answers) for r in answered]
     human = [a for _, a in pairs]
     samples = [{"answer": r.prediction, "answers": r.answers, "score": r.score} for r in answered]
-    m = vqa_metrics([p for p, _ in pairs], human)
-    metrics = {f"{prefix}vqa_acc": float(m.accuracy)}
+    m = split_metrics(answered)  # with answerability and answer types where the data has them
+    metrics = {f"{prefix}vqa_acc": float(m.accuracy), **breakdown(m, prefix)}
     details: dict[str, Any] = {"images": len(ds), "questions": len(pairs), "generative": generative}
     if generative:
         asked = AnswerVocab.build(human)

@@ -194,13 +194,21 @@ class VQATask(Task):
             baseline = vqa_metrics([self.vocab(model).majority()] * len(result), [r.answers for r in result])
             out[f"val/{self.key}/vqa_majority_acc"] = float(baseline.accuracy)
         out[f"val/{self.key}/vqa_questions"] = float(len(result))
-        if metrics.answerable_accuracy is not None:
-            out[f"val/{self.key}/vqa_acc_answerable"] = float(metrics.answerable_accuracy)
-        if metrics.unanswerable_accuracy is not None:
-            out[f"val/{self.key}/vqa_acc_unanswerable"] = float(metrics.unanswerable_accuracy)
-        for kind, acc in metrics.per_answer_type.items():  # "yes/no" -> vqa_acc_type_yes_no
-            out[f"val/{self.key}/vqa_acc_type_{re.sub(r'[^0-9A-Za-z]+', '_', kind).strip('_')}"] = float(acc)
+        out.update(breakdown(metrics, f"val/{self.key}/"))
         return out
+
+
+def breakdown(metrics, prefix: str) -> dict[str, float]:
+    """The accuracy on answerable and unanswerable questions (``vqa_acc_answerable``, ``vqa_acc_unanswerable``)
+    and per answer type (``vqa_acc_type_yes_no`` ...), where the data tells them, named under ``prefix``."""
+    out: dict[str, float] = {}
+    if metrics.answerable_accuracy is not None:
+        out[f"{prefix}vqa_acc_answerable"] = float(metrics.answerable_accuracy)
+    if metrics.unanswerable_accuracy is not None:
+        out[f"{prefix}vqa_acc_unanswerable"] = float(metrics.unanswerable_accuracy)
+    for kind, acc in metrics.per_answer_type.items():  # "yes/no" -> vqa_acc_type_yes_no
+        out[f"{prefix}vqa_acc_type_{re.sub(r'[^0-9A-Za-z]+', '_', kind).strip('_')}"] = float(acc)
+    return out
 
 
 @dataclass
