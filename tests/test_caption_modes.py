@@ -55,3 +55,33 @@ def test_longest_is_the_same_every_epoch_and_unknown_modes_are_refused(data):
     assert ds.__getitems__([0, 1, 2, 3])["text"] == texts
     with pytest.raises(DataError, match="longest"):
         LanceImageTextDataset(data, "train", None, captions="shortest")
+
+
+@pytest.mark.parametrize("mode", ["longest", "first"])
+def test_a_task_trains_on_the_caption_mode_its_config_names(data, mode):
+    """``tasks: [{name: retrieval, captions: longest}]`` reaches the training loader (and ``first`` differs)."""
+    from vlkit.config.load import load_config
+    from vlkit.models.registry import create_model
+    from vlkit.tasks import build_task
+    from vlkit.train.distributed import DistInfo
+    from vlkit.train.model_setup import build_model_and_tokenizer
+
+    cfg = load_config(None, [f"datasets={{d: {{path: {data}, val_split: null}}}}",
+                             f"tasks=[{{name: retrieval, dataset: d, captions: {mode}}}]", "model.name=clip-tiny"])
+    model, tokenizer = build_model_and_tokenizer(cfg, DistInfo())
+    task = build_task("retrieval", "d", cfg.tasks[0], cfg.datasets["d"], tokenizer, model.preprocess, DistInfo())
+    batch = next(iter(task.train_loader(4)))
+    pick = (lambda caps: max(caps, key=len)) if mode == "longest" else (lambda caps: caps[0])
+    want = {f"img{i}": pick(caps) for i, caps in enumerate(CAPTIONS)}
+    assert {i: t for i, t in zip(batch["id"], batch["text"])} == {i: want[i] for i in batch["id"]}
+
+
+def test_the_caption_mode_key_is_checked(data):
+    from vlkit.config.load import load_config
+    from vlkit.config.typeinfo import ConfigError
+
+    base = [f"datasets={{d: {{path: {data}}}}}", "model.name=clip-tiny"]
+    with pytest.raises(ConfigError, match=r"tasks\.0\.captions: 'shortest' is not one of random, first, longest"):
+        load_config(None, [*base, "tasks=[{name: retrieval, dataset: d, captions: shortest}]"])
+    with pytest.raises(ConfigError, match=r"tasks\.0\.captions: only the retrieval, itm, captioning tasks read it"):
+        load_config(None, [*base, "tasks=[{name: vqa, dataset: d, captions: longest}]"])

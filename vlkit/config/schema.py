@@ -132,6 +132,9 @@ class TaskConfig:
     min_new_tokens: int = ranged(1, **NON_NEGATIVE)  # the end token is not allowed before this many tokens
     no_repeat_ngram_size: int = ranged(0, **NON_NEGATIVE)  # > 0: no n-gram of this size twice in a caption
     eval_images: Optional[int] = ranged(None, **POSITIVE_INT)  # caption only the first N validation images
+    # retrieval, itm and captioning: the caption each training image is paired with: random (a new draw every epoch),
+    # first, or longest (the caption with the most characters)
+    captions: str = "random"
     # registered metrics added to the task's evaluation (vlkit.metrics.registry), e.g. [my_metric]
     metrics: list[str] = field(default_factory=list)
     # visdial only: wrong answer options scored beside the right one per training round, and the previous rounds

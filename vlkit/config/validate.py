@@ -202,6 +202,8 @@ def _sampling_checks(cfg: TrainConfig, data: Mapping[str, Any], problems: list[s
 
 
 #: task keys only some tasks read
+TRAIN_CAPTIONS = ("random", "first", "longest")
+CAPTION_CHOICE_TASKS = ("retrieval", "itm", "captioning")
 GENERATION_KEYS = ("label_smoothing", "num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size",
                    "eval_images")
 GENERATIVE_TASKS = ("captioning", "vqa")
@@ -225,6 +227,12 @@ def _task_checks(cfg: TrainConfig, problems: list[str]) -> None:
                     listed = ", ".join(sorted(known)) or "none registered"
                     problems.append(f"tasks.{i}.metrics.{j}: task {task.name} has no metric {metric!r} ({listed}); "
                                     f"register it with vlkit.metrics.registry.register_metric in a module of imports")
+        if ok(task.captions) and task.captions != "random":
+            if task.captions not in TRAIN_CAPTIONS:
+                problems.append(f"tasks.{i}.captions: {task.captions!r} is not one of {', '.join(TRAIN_CAPTIONS)}")
+            elif task.name not in CAPTION_CHOICE_TASKS:
+                problems.append(f"tasks.{i}.captions: only the {', '.join(CAPTION_CHOICE_TASKS)} tasks read it "
+                                f"(task is {task.name!r}); remove it")
         if task.name != "visdial":
             for key in DIALOG_KEYS:
                 value = getattr(task, key)

@@ -52,7 +52,7 @@ class CaptioningTask(Task):
 
     def dataset(self, split: str, train: bool) -> LanceImageTextDataset:
         transform = self.preprocess.image_transform(train=train and self.augment)
-        return LanceImageTextDataset(self.data.path, split, transform, None, captions="random" if train else "all",
+        return LanceImageTextDataset(self.data.path, split, transform, None, captions=self.cfg.captions if train else "all",
                                      seed=self.seed)
 
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:

@@ -51,7 +51,7 @@ class RetrievalTask(Task):
     def train_loader(self, per_rank_batch: int) -> torch.utils.data.DataLoader:
         transform = self.preprocess.image_transform(train=self.augment)
         ds = LanceImageTextDataset(self.data.path, self.data.train_split, transform, self.tokenizer,
-                                   captions="random", seed=self.seed)
+                                   captions=self.cfg.captions, seed=self.seed)
         return self.shuffled_loader(ds, per_rank_batch)
 
     # ------------------------------------------------------------------ loss
