@@ -44,7 +44,11 @@ def prepare(data: Path, work: Path, run: str | None):
     from vlkit.models.registry import create_model
 
     dataset = work / "data.lance"
-    ingest([data], dataset, progress=False, val_fraction=0.0, test_fraction=0.0)
+    if (data / "captions.txt").is_file():  # Flickr8k: its caption file, images beside it
+        ingest([data / "captions.txt"], dataset, images_root=data / "images", progress=False, val_fraction=0.0,
+               test_fraction=0.0)
+    else:  # class folders (CIFAR-10): images only
+        ingest([data], dataset, progress=False, val_fraction=0.0, test_fraction=0.0)
     if run is not None:
         return dataset, load_for_inference(run)
     torch.manual_seed(0)
