@@ -161,15 +161,16 @@ def test_write_embeddings_is_one_commit_that_replaces_the_columns(tmp_path):
     images = [b for _, b in lance.dataset(str(path)).read_blobs("image", indices=list(range(5)))]
     data_files = {d.path for f in lance.dataset(str(path)).get_fragments() for d in f.data_files()}
     gen = torch.Generator().manual_seed(0)
-    for step, (dim, tag) in enumerate([(3, "first"), (5, "second"), (5, "third")]):
+    for step, (dim, tag, precision) in enumerate([(3, "first", "fp32"), (5, "second", "bf16"), (5, "third", "fp32")]):
         before = lance.dataset(str(path)).version
         emb = Embeddings(ids=ids[:4][::-1], image=torch.randn(4, dim, generator=gen), text=torch.randn(3, dim, generator=gen),
-                         caption_image=torch.tensor([0, 0, 2]), captions=["a", "b", "c"])
+                         caption_image=torch.tensor([0, 0, 2]), captions=["a", "b", "c"], precision=precision)
         version = write_embeddings(path, emb, tag, source=f"run-{step}")
         ds = lance.dataset(str(path))
         assert version == ds.version == before + 1 and len(ds.versions()) == step + 2
         assert ds.schema.names.count(IMAGE_COLUMN) == 1 and ds.schema.names.count(TEXT_COLUMN) == 1
-        assert read_embeddings(path) == {"vlkit.model": tag, "vlkit.source": f"run-{step}", "vlkit.dim": str(dim)}
+        assert read_embeddings(path) == {"vlkit.model": tag, "vlkit.source": f"run-{step}", "vlkit.dim": str(dim),
+                                         "vlkit.precision": precision}
         rows = {r["id"]: r for r in ds.to_table(columns=["id", IMAGE_COLUMN, TEXT_COLUMN]).to_pylist()}
         for pos, key in enumerate(emb.ids):
             np.testing.assert_array_equal(rows[key][IMAGE_COLUMN], emb.image[pos].numpy())

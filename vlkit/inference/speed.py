@@ -104,8 +104,8 @@ def _conv_bn_pairs(model: nn.Module, run: Callable[[], Any]) -> list[tuple[nn.Co
         for h in hooks:
             h.remove()
         produced.clear()
-    return [(conv, bn) for bn, conv in pairs.items() if conv is not None and bn.track_running_stats
-            and bn.running_mean is not None and conv.padding_mode == "zeros"]
+    return [(conv, bn) for bn, conv in pairs.items() if conv is not None and not bn.training
+            and bn.track_running_stats and bn.running_mean is not None and conv.padding_mode == "zeros"]
 
 
 class InferenceCopy:
@@ -184,8 +184,9 @@ def prepared(model: nn.Module, *, channels_last: bool = True, fold: bool = True,
     """Run ``model`` prepared for fast inference, and leave it exactly as it was afterwards.
 
     Preparations: batch norms that follow convolutions folded into them (checked on ``example``, a function
-    running the model on a small input, and skipped if the output moves); channels-last convolution weights. The original parameter objects are put back on exit, so an
-    optimizer holding them is unaffected. A model in training mode is left alone.
+    running the model on a small input, and skipped if the output moves); channels-last convolution weights.
+    The original parameter objects are put back on exit, so an optimizer holding them is unaffected. A model in
+    training mode is left alone.
 
     Yields:
         Whether inputs should be channels-last (:func:`to_channels_last`).
