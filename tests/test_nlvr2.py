@@ -318,6 +318,15 @@ def test_eval_matches_a_slow_loop(pairs, pairs_run):
     assert [s["answer"] for s in result.samples] == answers
     assert result.metrics["test/synth/accuracy"] == pytest.approx(100 * correct / len(ds))
     assert result.summary()["confusion"]["classes"] == ["false", "true"]
+    # vlkit predict: one line per pair with the same answers, whose accuracy is the evaluation's
+    from vlkit.eval.predict import predict
+
+    lines = predict(run, "nlvr2", pairs / "synth.lance", "test", batch_size=7, precision="fp32").lines
+    assert [line["class"] == "true" for line in lines] == answers
+    assert [line["id"] for line in lines] == [s["id"] for s in result.samples]
+    right = sum(line["class"] == line["true_class"] for line in lines)
+    assert 100 * right / len(lines) == pytest.approx(result.metrics["test/synth/accuracy"])
+    assert all(abs(sum(line["probabilities"].values()) - 1) < 1e-5 for line in lines)
 
 
 def test_eval_from_a_checkpoint_uses_its_head(pairs, pairs_run):

@@ -321,6 +321,22 @@ def test_vlkit_eval_task_visdial_scores_as_training_did(trained_dialogs, tmp_pat
     assert f"{'MRR':12}{out['metrics']['val/d/mrr']:8.2f}   (random ranking 29.29)" in table
 
 
+def test_vlkit_predict_task_visdial_ranks_reproduce_the_metrics(trained_dialogs, tmp_path):
+    """Each predicted round's ranks give back vlkit eval's MRR, R@1 and mean rank."""
+    data, run, m = trained_dialogs
+    out = tmp_path / "preds.jsonl"
+    r = run_cli("predict", run, "--task", "visdial", "--data", data, "--split", "val", "--out", out)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    scored = [line for line in lines if line["gt_index"] is not None]
+    assert scored and all(sorted(line["ranks"]) == list(range(1, len(line["ranks"]) + 1)) for line in lines)
+    assert all(line["ranks"][line["best_option"]] == 1 and 1 <= line["round"] <= 3 for line in lines)
+    gt_ranks = [line["ranks"][line["gt_index"]] for line in scored]
+    assert 100 * sum(1 / rank for rank in gt_ranks) / len(gt_ranks) == pytest.approx(m["val/vd/mrr"], abs=1e-6)
+    assert 100 * sum(rank == 1 for rank in gt_ranks) / len(gt_ranks) == pytest.approx(m["val/vd/r1"], abs=1e-6)
+    assert sum(gt_ranks) / len(gt_ranks) == pytest.approx(m["val/vd/mean_rank"], abs=1e-6)
+
+
 def test_vlkit_eval_task_visdial_on_data_without_dialogs_is_one_line(trained_dialogs, synth):
     _, run, _ = trained_dialogs
     r = run_cli("eval", run, "--task", "visdial", "--data", synth, "--split", "val")

@@ -9,7 +9,7 @@ import sys
 
 from vlkit.cli import add_precision
 
-TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning")
+TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "classification", "nlvr2", "vqa", "captioning", "visdial")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -78,6 +78,7 @@ def evaluate_dialog(loaded, dataset: Any, split: str, base: dict, prefix: str, b
         history length and ``chance_mrr`` (the MRR of a random ranking, closed form).
     """
     from vlkit.data.dataset import LanceImageTextDataset
+    from vlkit.data.store import open_dataset
     from vlkit.eval.evaluate import EvalResult
     from vlkit.metrics.ranking import chance_mrr, ranking_metrics
     from vlkit.tasks.dialog_inputs import dialog_columns, require_matching_logits
@@ -109,7 +110,20 @@ def evaluate_dialog(loaded, dataset: Any, split: str, base: dict, prefix: str, b
                "rounds_with_relevance": m.num_relevance, "options": sum(len(r.scores) for r in ranked),
                "history_rounds": history, "chance_mrr": chance_mrr(counts) if counts else None,
                "chance_mean_rank": sum((n + 1) / 2 for n in counts) / len(counts) if counts else None}
-    return EvalResult(**base, metrics=m.as_dict(prefix), details=details, embeddings=None)
+    ids = open_dataset(dataset).take([ds.offsets[r.index] for r in ranked], columns=["id"]).column("id").to_pylist()
+    samples = [{"id": row_id, "round": r.round + 1, "ranks": option_ranks(r.scores), "gt_index": r.gt_index}
+               for row_id, r in zip(ids, ranked)]
+    return EvalResult(**base, metrics=m.as_dict(prefix), details=details, embeddings=None, samples=samples)
+
+
+def option_ranks(scores: torch.Tensor) -> list[int]:
+    """The rank of each option (1: best) by descending score, equal scores in option order (as the metrics
+    count them)."""
+    order = torch.sort(scores.float(), descending=True, stable=True).indices.tolist()
+    ranks = [0] * len(order)
+    for place, option in enumerate(order):
+        ranks[option] = place + 1
+    return ranks
 
 
 def print_dialog_table(summary: dict) -> None:

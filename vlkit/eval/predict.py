@@ -14,7 +14,10 @@ lines:
   also carry each pair's ``text``;
 * vqa: one line per question: ``answer``, ``score`` (the answer head's sigmoid probability, or the
   log-probability of a generated answer), ``question``, ``question_id`` where the dataset has one;
-* captioning: ``caption`` and ``score`` (its log-probability) per image.
+* captioning: ``caption`` and ``score`` (its log-probability) per image;
+* nlvr2: one line per pair, as classification (``true``/``false`` with their probabilities, the sentence);
+* visdial: one line per ranked round: the row's ``id``, ``round`` (from 1), ``ranks`` (the rank of each answer
+  option, 1 the best, as VisDial's evaluation reads them), ``best_option`` and ``gt_index``.
 
 ``official`` gives the submission formats instead: VQA / EvalAI ``[{"question_id", "answer"}]`` and COCO
 caption results ``[{"image_id", "caption"}]``.
@@ -37,7 +40,7 @@ import torch
 
 from vlkit.errors import DataError, VlkitError
 
-TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "vqa", "captioning")
+TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "nlvr2", "vqa", "captioning", "visdial")
 #: the tasks with an official submission format, and what it is
 OFFICIAL = {"vqa": 'VQA / EvalAI answers [{"question_id", "answer"}]',
             "captioning": 'COCO caption results [{"image_id", "caption"}]'}
@@ -125,6 +128,8 @@ def predict(model_path: str | Path, task: str, dataset: str | Path, split: str =
             lines = coco_results(result)
         else:
             lines = [{"id": r["id"], "caption": r["caption"], "score": r["score"]} for r in result.captions or []]
+    elif task == "visdial":
+        lines = [{**sample, "best_option": sample["ranks"].index(1)} for sample in result.samples]
     else:
         lines = class_lines(result, top_k)
     return Predictions(result, lines, fmt)
