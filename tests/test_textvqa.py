@@ -70,6 +70,19 @@ def test_textvqa_file_ingests_with_ocr_tokens_per_image(textvqa_file, tmp_path):
     assert camera["ocr_tokens"] == ["nous", "les", "gosses", "Dakota"]
 
 
+def test_a_word_vocabulary_learns_the_ocr_tokens(textvqa_file, tmp_path):
+    """A model trained from scratch builds its word vocabulary from the OCR tokens too, so they reach it as words."""
+    from vlkit.config.load import load_config
+    from vlkit.train.model_setup import training_captions
+
+    ingest([textvqa_file], tmp_path / "t.lance", split="train", progress=False)
+    cfg = load_config(None, [f"datasets={{t: {{path: {tmp_path / 't.lance'}, val_split: null}}}}",
+                             "tasks=[{name: vqa, dataset: t}]", "model.name=albef-tiny"])
+    texts = training_captions(cfg)
+    assert {"gosses", "Dakota", "SELF-RIGHTEOUS"} <= set(texts)  # words only the OCR tokens hold
+    assert "what kind of beer is this?" in texts
+
+
 def test_the_official_question_file_and_the_rosetta_ocr_file_ingest_together(textvqa_file, tmp_path):
     root = textvqa_file.parent
     data = json.loads(textvqa_file.read_text())["data"][:3]

@@ -16,8 +16,8 @@ SPECIAL_SEP = "[SEP]"
 
 
 def training_captions(cfg: TrainConfig, generative: bool = False) -> list[str]:
-    """Every caption (and question, and for visdial tasks every dialog text) of every task's training split,
-    sorted (the same on every rank).
+    """Every caption (and question, OCR token, and for visdial tasks every dialog text) of every task's
+    training split, sorted (the same on every rank).
 
     Args:
         generative: the model writes text: the answers of VQA tasks (it writes them) and the default VQA prompt
@@ -32,7 +32,8 @@ def training_captions(cfg: TrainConfig, generative: bool = False) -> list[str]:
         data = cfg.datasets[task.dataset]
         ds = open_dataset(data.path)
         offsets = split_indices(ds, data.train_split)
-        columns = ["captions"] + (["questions"] if "questions" in ds.schema.names else [])
+        # the OCR tokens too (TextVQA): they follow the question as text, so they need to be words of the vocabulary
+        columns = ["captions"] + [c for c in ("questions", "ocr_tokens") if c in ds.schema.names]
         table = ds.take(offsets, columns=columns)
         for column in columns:
             for values in table.column(column).to_pylist():
