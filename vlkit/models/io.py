@@ -49,11 +49,12 @@ def architectures() -> dict[str, type[nn.Module]]:
     from vlkit.models.captioner.model import Captioner
     from vlkit.models.clip.model import CLIP
     from vlkit.models.coca.model import CoCa
+    from vlkit.models.mae.model import MAE
     from vlkit.models.vilt.model import ViLT
     from vlkit.models.vlmo.model import VLMo
 
     return {"clip": CLIP, "brivl": BriVL, "albef": ALBEF, "blip": BLIP, "vilt": ViLT, "captioner": Captioner,
-            "coca": CoCa, "vlmo": VLMo, "blip2": BLIP2}
+            "coca": CoCa, "vlmo": VLMo, "blip2": BLIP2, "mae": MAE}
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
