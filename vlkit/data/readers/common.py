@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from vlkit.data.records import Problem
 from vlkit.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -60,3 +61,21 @@ def load_json(path: Path) -> Any:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def json_lines(path: Path, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object)`` for each non-blank line of a JSON-lines file; a line that is not UTF-8
+    or not JSON is reported in ``problems`` (naming the file and line) and skipped."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                problems.append(Problem(str(path), line_no, "undecodable text (not valid UTF-8)"))
+                continue
+            except json.JSONDecodeError as exc:
+                problems.append(Problem(str(path), line_no, f"invalid JSON ({exc.msg})"))
+                continue
+            yield line_no, obj

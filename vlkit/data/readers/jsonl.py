@@ -7,13 +7,12 @@ become extra columns.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from vlkit.data.records import Problem, Record
 
-from .common import bad_text, confinement_root, image_id, images_root_for
+from .common import bad_text, confinement_root, image_id, images_root_for, json_lines
 
 TEXT_KEYS = ("text", "caption", "captions")
 MAX_LABEL = 1_000_000  # labels index the class list kept in the dataset's metadata
@@ -35,25 +34,14 @@ def _parse(obj: Any) -> tuple[dict | None, str | None]:
 
 
 def read_jsonl(path: Path, images_root: Path | None, problems: list[Problem]) -> Iterator[Record]:
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                problems.append(Problem(str(path), line_no, "undecodable text (not valid UTF-8)"))
-                continue
-            except json.JSONDecodeError as exc:
-                problems.append(Problem(str(path), line_no, f"invalid JSON ({exc.msg})"))
-                continue
-            obj, reason = _parse(obj)
-            if reason:
-                problems.append(Problem(str(path), line_no, reason))
-                continue
-            rec = _record(obj, path, line_no, images_root, problems)
-            if rec is not None:
-                yield rec
+    for line_no, obj in json_lines(path, problems):
+        obj, reason = _parse(obj)
+        if reason:
+            problems.append(Problem(str(path), line_no, reason))
+            continue
+        rec = _record(obj, path, line_no, images_root, problems)
+        if rec is not None:
+            yield rec
 
 
 def _record(

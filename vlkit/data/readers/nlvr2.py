@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from vlkit.data.records import Problem, Record
 
-from .common import bad_text, confinement_root, images_root_for
+from .common import bad_text, confinement_root, images_root_for, json_lines
 
 CLASSES = ("false", "true")
 SPLITS = {"train": "train", "dev": "val", "val": "val", "test": "test", "test1": "test", "test2": "test"}
@@ -79,26 +79,15 @@ def find_image(base: Path, identifier: str, side: int, directory: Any = None) ->
 def read_nlvr2(path: Path, images_root: Path | None, problems: list[Problem]) -> Iterator[Record]:
     """Records of an NLVR2 file, one per line (see the module docstring); a bad line is reported and skipped."""
     base: Path | None = None
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                problems.append(Problem(str(path), line_no, "undecodable text (not valid UTF-8)"))
-                continue
-            except json.JSONDecodeError as exc:
-                problems.append(Problem(str(path), line_no, f"invalid JSON ({exc.msg})"))
-                continue
-            if base is None:
-                first = obj.get("left") if isinstance(obj, dict) and isinstance(obj.get("left"), str) else None
-                base = images_root_for(path, images_root, first)
-            rec, reason = _record(obj, path, line_no, base, images_root)
-            if reason:
-                problems.append(Problem(str(path), line_no, reason))
-            else:
-                yield rec
+    for line_no, obj in json_lines(path, problems):
+        if base is None:
+            first = obj.get("left") if isinstance(obj, dict) and isinstance(obj.get("left"), str) else None
+            base = images_root_for(path, images_root, first)
+        rec, reason = _record(obj, path, line_no, base, images_root)
+        if reason:
+            problems.append(Problem(str(path), line_no, reason))
+        else:
+            yield rec
 
 
 def _record(obj: Any, path: Path, line_no: int, base: Path,

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from vlkit.data.records import Problem, Record
 
-from .common import bad_text, confinement_root, images_root_for
+from .common import bad_text, confinement_root, images_root_for, json_lines
 
 #: the class names by label, in the order every SNLI-VE dataset keeps them
 LABELS = ("entailment", "neutral", "contradiction")
@@ -96,27 +96,16 @@ def read_snli_ve(path: Path, images_root: Path | None, problems: list[Problem]) 
     ``problems`` (file, line, reason) and skipped."""
     split = split_from_name(path)
     seen: dict[str, int] = {}
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                problems.append(Problem(str(path), line_no, "undecodable text (not valid UTF-8)"))
-                continue
-            except json.JSONDecodeError as exc:
-                problems.append(Problem(str(path), line_no, f"invalid JSON ({exc.msg})"))
-                continue
-            if not isinstance(obj, dict):
-                problems.append(Problem(str(path), line_no, f"expected a JSON object, found {type(obj).__name__}"))
-                continue
-            rec, reason = _record(obj, path, line_no, images_root, split)
-            if reason:
-                problems.append(Problem(str(path), line_no, reason))
-                continue
-            if rec.id in seen:
-                problems.append(Problem(str(path), line_no, f"pairID {rec.id!r} repeats line {seen[rec.id]}"))
-                continue
-            seen[rec.id] = line_no
-            yield rec
+    for line_no, obj in json_lines(path, problems):
+        if not isinstance(obj, dict):
+            problems.append(Problem(str(path), line_no, f"expected a JSON object, found {type(obj).__name__}"))
+            continue
+        rec, reason = _record(obj, path, line_no, images_root, split)
+        if reason:
+            problems.append(Problem(str(path), line_no, reason))
+            continue
+        if rec.id in seen:
+            problems.append(Problem(str(path), line_no, f"pairID {rec.id!r} repeats line {seen[rec.id]}"))
+            continue
+        seen[rec.id] = line_no
+        yield rec
