@@ -55,7 +55,7 @@ CHOICES: dict[str, set[str]] = {
     "precision": {"fp32", "bf16", "fp16"},
     "distributed": {"ddp", "fsdp"},
     "device": {"auto", "cpu", "cuda"},
-    "tasks.*.name": {"retrieval", "captioning", "vqa", "itm", "classification", "nlvr2", "visdial"},
+    "tasks.*.name": {"retrieval", "captioning", "vqa", "itm", "classification", "nlvr2", "visdial", "mae"},
     "sampling.strategy": {"all", "round_robin", "proportional", "fixed", "temperature"},
     "model.lock.tower": {"image", "text"},
     "nonfinite": {"stop", "skip"},

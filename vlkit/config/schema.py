@@ -98,6 +98,8 @@ class ModelConfig:
     args: dict[str, Any] = field(default_factory=dict)  # builder overrides, e.g. {vision_layers: 6}
     lock: Optional[LockConfig] = None
     tokenizer: Optional[str] = None  # tokenizer.json / HF dir; default: the model's own, else trained on captions
+    # an MAE run or model directory whose encoder initialises the ViT image tower (`visual`) before training
+    pretrained_image: Optional[str] = None
 
 
 @dataclass

@@ -72,6 +72,7 @@ def training_answers(cfg: TrainConfig) -> list[str]:
 
 FUSION_PREFIXES = ("albef", "vilt", "vlmo", "blip")
 GENERATIVE_PREFIXES = ("coca", "captioner", "blip")
+IMAGE_ONLY_PREFIXES = ("mae",)  # models that read images only: no tokenizer
 #: small models trained from scratch on a word-level vocabulary built from the training captions: the config
 #: key of their text length, and the token ids their configs take from the vocabulary
 WORD_VOCAB_MODELS = {
@@ -149,8 +150,14 @@ def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
                          f"blip2-* at stage 2), "
                          f"not {cfg.model.name}")
     model = create_model(cfg.model.name, cfg.model.pretrained, **args)
+    if cfg.model.pretrained_image:
+        from vlkit.models.mae.transfer import load_pretrained_image
+
+        load_pretrained_image(model, cfg.model.pretrained_image)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.pretrained or "", model)
+    if tokenizer is None and cfg.model.name.startswith(IMAGE_ONLY_PREFIXES):
+        return model, None  # an image-only model (MAE) reads no text
     if tokenizer is None:
         raise VlkitError(f"model {cfg.model.name} has no tokenizer; set model.tokenizer to a tokenizer.json")
     if cfg.model.lock is not None:
