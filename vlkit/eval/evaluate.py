@@ -144,7 +144,7 @@ def _require_embeddings_or_matching(loaded, task: str, rerank: int | None) -> No
     from vlkit.inference.embed import can_embed, require_embeddings
 
     if task in ("zeroshot", "linear-probe"):
-        require_embeddings(loaded.model, f"--task {task}")
+        require_embeddings(loaded.model, f"--task {task}", text=task == "zeroshot")
     elif task == "retrieval" and rerank is not None:
         require_matching(loaded.model, "--rerank")
         if not can_embed(loaded.model):

@@ -66,12 +66,23 @@ def can_embed(model) -> bool:
     return all(callable(getattr(inner, name, None)) for name in ("encode_image", "encode_text"))
 
 
-def require_embeddings(model, what: str) -> None:
+def can_embed_images(model) -> bool:
+    """Whether ``model`` embeds images (``encode_image``), as an image-only model (MAE) does."""
+    from vlkit.inference.interface import _unwrap
+
+    return callable(getattr(_unwrap(model), "encode_image", None))
+
+
+def require_embeddings(model, what: str, text: bool = True) -> None:
     """Raise a one-line :class:`~vlkit.errors.VlkitError` when ``model`` cannot embed images and texts.
 
     Args:
         what: what needs the embeddings (``vlkit index``, ``--task zeroshot`` ...), for the message.
+        text: texts are embedded too; False: image embeddings are enough (a linear probe), so an image-only
+            model passes.
     """
+    if not text and can_embed_images(model):
+        return
     if not can_embed(model):
         from vlkit.errors import VlkitError
 
@@ -119,7 +130,7 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
         VlkitError: the model embeds nothing (a fusion-only model), or an unknown precision.
     """
     model, tokenizer = loaded.model, loaded.tokenizer
-    require_embeddings(model, "computing embeddings")
+    require_embeddings(model, "computing embeddings", text=captions)
     device = loaded.device
     precision = resolve_precision(loaded.precision if precision is None else precision, device)
     ds = LanceImageTextDataset(dataset, split, model.preprocess.image_transform(train=False),
