@@ -67,6 +67,9 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):  # an optional nested config: ``X | None``
+            hint = inner[0]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = config_from_dict(hint, value, f"{where}.{name}")
         elif isinstance(value, list) and typing.get_origin(hint) is tuple:

@@ -21,6 +21,7 @@ from vlkit.models.outputs import TwoTowerOutput
 from vlkit.models.preprocess import Preprocess
 from vlkit.modules.encoders.efficientnet import efficientnet_lite0
 from vlkit.modules.encoders.hf_text import MINILM, HFTextEncoder
+from vlkit.modules.encoders.swin import SwinConfig, SwinTransformer
 from vlkit.modules.layers.mlp import MLP
 from vlkit.modules.layers.mspp import MultiScalePatchPooling
 from vlkit.modules.layers.transformer import Transformer, TransformerEncoderLayer
@@ -36,9 +37,11 @@ class BriVLConfig:
     """Sizes and training switches of a :class:`BriVL`."""
 
     embed_dim: int = 256
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite0"  # or "swin": the Swin Transformer of ``swin`` (no pretrained weights)
     backbone_pretrained: bool = True
     trainable_backbone_blocks: int = 0  # top blocks (and the head conv) of the CNN to train; 0 = frozen
+    # (swin: top Swin blocks and the final norm; at least its number of blocks trains the whole backbone)
+    swin: SwinConfig | None = None  # the sizes of a "swin" backbone (None: Swin-T)
     mspp_scales: tuple[int, ...] = (1, 6)
     image_width: int = 384
     image_layers: int = 2
@@ -126,11 +129,17 @@ class BriVL(nn.Module):
 
     def __init__(self, config: BriVLConfig, load_pretrained_encoders: bool = True):
         super().__init__()
-        if config.backbone != "efficientnet_lite0":
-            raise VlkitError(f"unknown BriVL backbone {config.backbone!r}; available: efficientnet_lite0")
+        if config.backbone not in ("efficientnet_lite0", "swin"):
+            raise VlkitError(f"unknown BriVL backbone {config.backbone!r}; available: efficientnet_lite0, swin")
+        if config.backbone == "swin" and config.backbone_pretrained:
+            raise VlkitError("BriVL backbone swin has no pretrained weights: set backbone_pretrained=false "
+                             "(and trainable_backbone_blocks to train it)")
         self.config = config
         pretrained = config.backbone_pretrained and load_pretrained_encoders
-        self.backbone = efficientnet_lite0(pretrained=pretrained, num_classes=0)
+        if config.backbone == "swin":
+            self.backbone = SwinTransformer(config.swin or SwinConfig())
+        else:
+            self.backbone = efficientnet_lite0(pretrained=pretrained, num_classes=0)
         self.text_backbone = HFTextEncoder(config.text_encoder, config.text_pooling,
                                            load_weights=load_pretrained_encoders)
         if config.preprocess.tokenizer is None:
@@ -154,7 +163,15 @@ class BriVL(nn.Module):
     def _freeze(self) -> None:
         c = self.config
         self.backbone.requires_grad_(False)
-        if c.trainable_backbone_blocks > 0:
+        if c.backbone == "swin" and c.trainable_backbone_blocks > 0:
+            blocks = self.backbone.blocks
+            if c.trainable_backbone_blocks >= len(blocks):
+                self.backbone.requires_grad_(True)
+            else:
+                for block in blocks[-c.trainable_backbone_blocks:]:
+                    block.requires_grad_(True)
+                self.backbone.norm.requires_grad_(True)
+        elif c.trainable_backbone_blocks > 0:
             for block in self.backbone._blocks[-c.trainable_backbone_blocks:]:
                 block.requires_grad_(True)
             self.backbone._conv_head.requires_grad_(True)
@@ -188,6 +205,8 @@ class BriVL(nn.Module):
         """``[batch, 3, H, W]`` -> MSPP region features ``[batch, regions, 1280]``."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.trainable_backbone_blocks > 0):
             fmap = self.backbone.forward_features(images)  # [batch, 1280, H/32, W/32]
+        if isinstance(fmap, list):  # a Swin backbone's stage maps: pool the last, [batch, width, H/32, W/32]
+            fmap = fmap[-1]
         return self.mspp(fmap)
 
     def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -13,16 +13,19 @@ from torch import Tensor, nn
 
 from vlkit.models.outputs import TwoTowerOutput
 from vlkit.models.preprocess import Preprocess
+from vlkit.modules.encoders.swin import SwinConfig, SwinTransformer
 from vlkit.modules.encoders.text_transformer import TextConfig, TextTransformer
 from vlkit.modules.encoders.vit import VisionConfig, VisionTransformer
 
 
 @dataclass
 class CLIPConfig:
-    """Sizes of a :class:`CLIP` and the preprocessing it expects."""
+    """Sizes of a :class:`CLIP` and the preprocessing it expects. With ``swin`` set, the image tower is that
+    Swin Transformer (mean of its last map) and ``vision`` is unused."""
 
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
+    swin: SwinConfig | None = None
     text: TextConfig = field(default_factory=TextConfig)
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
@@ -49,12 +52,12 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        self.visual = VisionTransformer(config.vision)
+        self.visual = SwinTransformer(config.swin) if config.swin is not None else VisionTransformer(config.vision)
         self.text = TextTransformer(config.text)
-        self.visual_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
+        self.visual_projection = nn.Linear(self.visual.width, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
-        nn.init.normal_(self.visual_projection.weight, std=config.vision.width**-0.5)
+        nn.init.normal_(self.visual_projection.weight, std=self.visual.width**-0.5)
         nn.init.normal_(self.text_projection.weight, std=config.text.width**-0.5)
 
     @property
