@@ -32,12 +32,14 @@ Guarantees the tests rely on:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -119,26 +121,16 @@ def generate(
         VlkitError: An argument is out of range, the folder holds files vlkit did not write, or the files
             cannot be written.
     """
-    from vlkit.utils.fs import check_output_dir, write_marker
-
     _check_args(n, seed, image_size, image_format)
-    out = Path(out_dir)
-    check_output_dir(out, "synth")  # absent, empty or an earlier synthetic dataset: never a folder of user files
     ext = IMAGE_FORMATS[image_format]
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        write_marker(out, "synth")
+    with synthetic_folder(out_dir) as out:
         lines = []
         for i in range(n):
             rel = f"images/{i:06d}.{ext}"
             image, record = _make_example(seed, i, image_size)
-            _write_atomic(out / rel, _encode(image, image_format))
+            write_image(out / rel, image, image_format)
             lines.append(json.dumps({"image": rel, **record}, ensure_ascii=False))
-        jsonl = out / JSONL_NAME
-        _write_atomic(jsonl, ("\n".join(lines) + "\n").encode("utf-8"))
-    except OSError as exc:
-        raise VlkitError(f"cannot write synthetic dataset to {out}: {exc}") from None
-    return jsonl
+        return write_lines(out / JSONL_NAME, lines)
 
 
 def _check_args(n: int, seed: int, image_size: int, image_format: str) -> None:
@@ -172,6 +164,34 @@ def _write_atomic(path: Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def synthetic_folder(out_dir: str | Path) -> Iterator[Path]:
+    """The folder a generator writes into: checked first (absent, empty or an earlier synthetic dataset, never a
+    folder of the user's files), with its ``images/`` folder and vlkit's marker; a failed write becomes one
+    :class:`~vlkit.errors.VlkitError` naming the folder."""
+    from vlkit.utils.fs import check_output_dir, write_marker
+
+    out = Path(out_dir)
+    check_output_dir(out, "synth")
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        write_marker(out, "synth")
+        yield out
+    except OSError as exc:
+        raise VlkitError(f"cannot write synthetic dataset to {out}: {exc}") from None
+
+
+def write_image(path: Path, image: Image.Image, image_format: str) -> None:
+    """Encode ``image`` deterministically and write it beside, then rename it into place."""
+    _write_atomic(path, _encode(image, image_format))
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    """Write a manifest of one line per entry (last, so an interrupted run never leaves half a manifest)."""
+    _write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
 
 
 def _encode(image: Image.Image, image_format: str) -> bytes:

@@ -29,9 +29,8 @@ import json
 import random
 from pathlib import Path
 
-from vlkit.data.synth import (_BACKGROUNDS, COLORS, IMAGE_FORMATS, SHAPES, _check_args, _encode, _a,
-                              _make_example, _place_objects, _write_atomic)
-from vlkit.errors import VlkitError
+from vlkit.data.synth import (_BACKGROUNDS, COLORS, IMAGE_FORMATS, SHAPES, _check_args, _a, _make_example,
+                              _place_objects, synthetic_folder, write_image, write_lines)
 
 DIALOG_NAME = "visdial_synth.json"
 DENSE_NAME = "visdial_synth_dense_annotations.json"
@@ -59,21 +58,15 @@ def generate_dialogs(out_dir: str | Path, n: int, seed: int = 0, image_size: int
     Raises:
         VlkitError: an argument out of range, a folder vlkit did not write, or a failed write.
     """
-    from vlkit.utils.fs import check_output_dir, write_marker
-
     _check_args(n, seed, image_size, image_format)
-    out = Path(out_dir)
-    check_output_dir(out, "synth")
     ext = IMAGE_FORMATS[image_format]
     questions: dict[str, int] = {}
     answers = {a: i for i, a in enumerate(ANSWERS)}
     dialogs, dense = [], []
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        write_marker(out, "synth")
+    with synthetic_folder(out_dir) as out:
         for i in range(n):
             image, _ = _make_example(seed, i, image_size)
-            _write_atomic(out / f"images/{i:06d}.{ext}", _encode(image, image_format))
+            write_image(out / f"images/{i:06d}.{ext}", image, image_format)
             background, objects = _scene(seed, i, image_size)
             rng = random.Random(f"vlkit-synth-dialog:{seed}:{i}")
             rounds, relevance = _rounds(rng, objects)
@@ -87,12 +80,8 @@ def generate_dialogs(out_dir: str | Path, n: int, seed: int = 0, image_size: int
             dense.append({"image_id": i, "round_id": DENSE_ROUND, "gt_relevance": relevance})
         body = {"version": "1.0", "split": None,
                 "data": {"questions": list(questions), "answers": list(ANSWERS), "dialogs": dialogs}}
-        _write_atomic(out / DENSE_NAME, (json.dumps(dense) + "\n").encode("utf-8"))
-        path = out / DIALOG_NAME
-        _write_atomic(path, (json.dumps(body) + "\n").encode("utf-8"))
-    except OSError as exc:
-        raise VlkitError(f"cannot write synthetic dataset to {out}: {exc}") from None
-    return path
+        write_lines(out / DENSE_NAME, [json.dumps(dense)])
+        return write_lines(out / DIALOG_NAME, [json.dumps(body)])
 
 
 def _scene(seed: int, index: int, image_size: int) -> tuple[str, list]:

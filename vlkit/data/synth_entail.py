@@ -22,9 +22,8 @@ import json
 import random
 from pathlib import Path
 
-from vlkit.data.synth import (COLORS, IMAGE_FORMATS, JSONL_NAME, SHAPES, _a, _check_args, _encode, _make_example,
-                              _write_atomic)
-from vlkit.errors import VlkitError
+from vlkit.data.synth import (COLORS, IMAGE_FORMATS, JSONL_NAME, SHAPES, _a, _check_args, _make_example,
+                              synthetic_folder, write_image, write_lines)
 
 #: the sentence frames of entailed and contradicted hypotheses; ``{}`` is "a red circle"
 FRAMES = ("there is {}", "the image shows {}", "{} is in the picture")
@@ -79,26 +78,16 @@ def generate_entailment(out_dir: str | Path, n: int, seed: int = 0, image_size: 
     """
     from vlkit.data.ingest import hash_split
     from vlkit.data.synth_qa import _objects
-    from vlkit.utils.fs import check_output_dir, write_marker
-
     _check_args(n, seed, image_size, image_format)
-    out = Path(out_dir)
-    check_output_dir(out, "synth")
     ext = IMAGE_FORMATS[image_format]
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        write_marker(out, "synth")
+    with synthetic_folder(out_dir) as out:
         lines = []
         for i in range(n):
             rel = f"images/{i:06d}.{ext}"
             image, record = _make_example(seed, i, image_size)
-            _write_atomic(out / rel, _encode(image, image_format))
+            write_image(out / rel, image, image_format)
             split = hash_split(f"synth-entail:{seed}:{i}", VAL_FRACTION, TEST_FRACTION)
             for hypothesis, label in entailment_pairs(seed, i, _objects(seed, i, image_size)):
                 lines.append(json.dumps({"Flikr30kID": rel, "sentence1": record["text"][0], "sentence2": hypothesis,
                                          "gold_label": label, "pairID": f"{i:06d}#{label[0]}", "split": split}))
-        jsonl = out / JSONL_NAME
-        _write_atomic(jsonl, ("\n".join(lines) + "\n").encode("utf-8"))
-    except OSError as exc:
-        raise VlkitError(f"cannot write synthetic dataset to {out}: {exc}") from None
-    return jsonl
+        return write_lines(out / JSONL_NAME, lines)

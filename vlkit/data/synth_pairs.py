@@ -24,8 +24,8 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from vlkit.data.synth import (_BACKGROUNDS, COLORS, IMAGE_FORMATS, JSONL_NAME, SHAPES, _a, _check_args, _encode,
-                              _make_example, _place_objects, _write_atomic)
+from vlkit.data.synth import (_BACKGROUNDS, COLORS, IMAGE_FORMATS, JSONL_NAME, SHAPES, _a, _check_args,
+                              _make_example, _place_objects, synthetic_folder, write_image, write_lines)
 from vlkit.errors import VlkitError
 
 #: the kinds of sentence, each drawn equally often: ``color`` ("the left image has a red object"), ``shape``
@@ -146,28 +146,18 @@ def generate_pairs(out_dir: str | Path, n: int, seed: int = 0, image_size: int =
     Raises:
         VlkitError: an argument out of range, a folder vlkit did not write, or a failed write.
     """
-    from vlkit.utils.fs import check_output_dir, write_marker
-
     _check_args(n, seed, image_size, image_format)
     unknown = [k for k in kinds if k not in SENTENCE_KINDS]
     if unknown or not kinds:
         what = f"unknown sentence kinds {', '.join(unknown)}" if unknown else "no sentence kinds given"
         raise VlkitError(f"{what}; choose from {', '.join(SENTENCE_KINDS)}")
-    out = Path(out_dir)
-    check_output_dir(out, "synth")
     ext = IMAGE_FORMATS[image_format]
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        write_marker(out, "synth")
+    with synthetic_folder(out_dir) as out:
         lines = []
         for i in range(n):
             left, right, record = pair_example(seed, i, image_size, kinds)
             stem = record["identifier"].rsplit("-", 1)[0]
-            _write_atomic(out / "images" / f"{stem}-img0.{ext}", _encode(left, image_format))
-            _write_atomic(out / "images" / f"{stem}-img1.{ext}", _encode(right, image_format))
+            write_image(out / "images" / f"{stem}-img0.{ext}", left, image_format)
+            write_image(out / "images" / f"{stem}-img1.{ext}", right, image_format)
             lines.append(json.dumps(record, ensure_ascii=False))
-        jsonl = out / JSONL_NAME
-        _write_atomic(jsonl, ("\n".join(lines) + "\n").encode("utf-8"))
-    except OSError as exc:
-        raise VlkitError(f"cannot write synthetic dataset to {out}: {exc}") from None
-    return jsonl
+        return write_lines(out / JSONL_NAME, lines)

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vlkit.data.answers import UNANSWERABLE
 from vlkit.data.synth import (_BACKGROUNDS, _NOISE, COLORS, IMAGE_FORMATS, JSONL_NAME, SHAPES, _a, _check_args,
-                              _encode, _make_example, _place_objects, _write_atomic, generate)
+                              _make_example, _place_objects, generate, synthetic_folder, write_image, write_lines)
 from vlkit.errors import VlkitError
 
 #: the kinds of synthetic data ``vlkit data synth --kind`` makes
@@ -74,27 +74,17 @@ def generate_kind(out_dir: str | Path, n: int, kind: str = "shapes", seed: int =
         from vlkit.data.synth_dialog import generate_dialogs
 
         return generate_dialogs(out_dir, n, seed=seed, image_size=image_size, image_format=image_format)
-    from vlkit.utils.fs import check_output_dir, write_marker
-
     _check_args(n, seed, image_size, image_format)
-    out = Path(out_dir)
-    check_output_dir(out, "synth")
     ext = IMAGE_FORMATS[image_format]
     make = _unanswerable_example if kind == "unanswerable" else _text_example
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        write_marker(out, "synth")
+    with synthetic_folder(out_dir) as out:
         lines = []
         for i in range(n):
             rel = f"images/{i:06d}.{ext}"
             image, record = make(seed, i, image_size)
-            _write_atomic(out / rel, _encode(image, image_format))
+            write_image(out / rel, image, image_format)
             lines.append(json.dumps({"image": rel, **record}, ensure_ascii=False))
-        jsonl = out / JSONL_NAME
-        _write_atomic(jsonl, ("\n".join(lines) + "\n").encode("utf-8"))
-    except OSError as exc:
-        raise VlkitError(f"cannot write synthetic dataset to {out}: {exc}") from None
-    return jsonl
+        return write_lines(out / JSONL_NAME, lines)
 
 
 def answer_type(answer: str) -> str:
