@@ -809,6 +809,11 @@ def hf_config_dict(model: CLIP) -> dict[str, Any]:
     """
     cfg = model.config
     v, t = cfg.vision, cfg.text
+    if getattr(cfg, "swin", None) is not None:
+        raise VlkitError("Hugging Face CLIPModel has a ViT image tower; this model's is a Swin Transformer")
+    options = [k for k, plain in (("qk_norm", False), ("parallel", False), ("bias", True)) if getattr(v, k) != plain]
+    if options:
+        raise VlkitError(f"Hugging Face CLIPModel has no ViT option {', '.join(options)} of this image tower")
     if v.pool != "cls":
         raise VlkitError(f"Hugging Face CLIPModel pools the class token; this model uses pool={v.pool!r}")
     for tower, c in (("vision", v), ("text", t)):

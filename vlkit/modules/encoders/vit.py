@@ -27,6 +27,10 @@ class VisionConfig:
     norm_eps: float = 1e-5
     patch_dropout: float = 0.0
     pool: str = "cls"  # "cls" (class token) or "mean" (mean of patch tokens)
+    # options from ViT-22B (Dehghani et al. 2023); the defaults are the classic ViT
+    qk_norm: bool = False  # LayerNorm on each head's queries and keys
+    parallel: bool = False  # attention and MLP in parallel on one LayerNorm
+    bias: bool = True  # biases on the attention and MLP projections
 
 
 class VisionTransformer(nn.Module):
@@ -51,7 +55,8 @@ class VisionTransformer(nn.Module):
         self.patch_dropout = PatchDropout(config.patch_dropout, num_prefix=1)
         self.ln_pre = nn.LayerNorm(w, eps=config.norm_eps)
         self.transformer = Transformer(
-            [TransformerEncoderLayer(w, config.heads, config.mlp_ratio, config.act, config.norm_eps)
+            [TransformerEncoderLayer(w, config.heads, config.mlp_ratio, config.act, config.norm_eps,
+                                     qk_norm=config.qk_norm, parallel=config.parallel, bias=config.bias)
              for _ in range(config.layers)]
         )
         self.ln_post = nn.LayerNorm(w, eps=config.norm_eps)

@@ -72,9 +72,12 @@ class MultiHeadAttention(nn.Module):
         kv_dim: width of the context for cross-attention (None: self-attention).
         bias: biases on the projections.
         dropout: attention dropout (training only).
+        qk_norm: LayerNorm on each head's queries and keys before their dot product (ViT-22B).
+        norm_eps: epsilon of those LayerNorms.
     """
 
-    def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None, bias: bool = True, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None, bias: bool = True, dropout: float = 0.0,
+                 qk_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -87,6 +90,8 @@ class MultiHeadAttention(nn.Module):
             self.in_proj = nn.Linear(dim, 3 * dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         self.dropout = dropout
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -118,10 +123,11 @@ class MultiHeadAttention(nn.Module):
         """
         b, q_len, _ = x.shape
         if self.cross:
-            q = self._heads(self.q_proj(x))
+            q = self.q_norm(self._heads(self.q_proj(x)))
             k, v = context_kv if context_kv is not None else self.context_kv(context)
         else:
             q, k, v = (self._heads(t) for t in self.in_proj(x).chunk(3, dim=-1))
+            q, k = self.q_norm(q), self.k_norm(k)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length
@@ -146,7 +152,7 @@ class MultiHeadAttention(nn.Module):
         if context is None:
             raise ValueError("cross-attention needs a context")
         k, v = self.kv_proj(context).chunk(2, dim=-1)
-        return self._heads(k), self._heads(v)
+        return self.k_norm(self._heads(k)), self._heads(v)
 
     def forward_at(self, x: Tensor, index: Tensor, is_causal: bool = False,
                    key_padding_mask: Tensor | None = None) -> Tensor:
@@ -163,8 +169,9 @@ class MultiHeadAttention(nn.Module):
         w_q, w_kv = self.in_proj.weight[:d], self.in_proj.weight[d:]
         b_q, b_kv = (None, None) if self.in_proj.bias is None else (self.in_proj.bias[:d], self.in_proj.bias[d:])
         rows = x[torch.arange(b, device=x.device), index][:, None]  # [batch, 1, dim]
-        q = self._heads(F.linear(rows, w_q, b_q))  # [batch, heads, 1, head_dim]
+        q = self.q_norm(self._heads(F.linear(rows, w_q, b_q)))  # [batch, heads, 1, head_dim]
         k, v = (self._heads(t) for t in F.linear(x, w_kv, b_kv).chunk(2, dim=-1))
+        k = self.k_norm(k)
         mask = None
         if is_causal:
             mask = (torch.arange(n, device=x.device)[None] <= index[:, None])[:, None, None]  # [batch, 1, 1, n]

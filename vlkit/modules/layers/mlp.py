@@ -36,14 +36,16 @@ class MLP(nn.Module):
         act: activation name (see :func:`activation`).
         dropout: dropout after the activation.
         out_dim: output width (default ``dim``).
+        bias: biases on both linear layers.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", dropout: float = 0.0, out_dim: int | None = None):
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", dropout: float = 0.0, out_dim: int | None = None,
+                 bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = activation(act)
         self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.drop(self.act(self.fc1(x))))

@@ -13,7 +13,8 @@ from .mlp import MLP
 
 
 class TransformerEncoderLayer(nn.Module):
-    """x + attn(ln_1(x)); x + mlp(ln_2(x)).
+    """x + attn(ln_1(x)); x + mlp(ln_2(x)). With ``parallel`` (ViT-22B): x + attn(ln_1(x)) + mlp(ln_1(x)),
+    one LayerNorm and no ``ln_2``.
 
     Args:
         dim: width.
@@ -22,17 +23,22 @@ class TransformerEncoderLayer(nn.Module):
         act: MLP activation.
         norm_eps: LayerNorm epsilon.
         dropout: dropout on the residual branches.
+        qk_norm: LayerNorm on queries and keys (see :class:`MultiHeadAttention`).
+        parallel: attention and MLP in parallel on one normalised input.
+        bias: biases on the attention and MLP projections.
     """
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu", norm_eps: float = 1e-5,
-        dropout: float = 0.0,
+        dropout: float = 0.0, qk_norm: bool = False, parallel: bool = False, bias: bool = True,
     ):
         super().__init__()
+        self.parallel = parallel
         self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = MultiHeadAttention(dim, num_heads)
-        self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+        self.attn = MultiHeadAttention(dim, num_heads, bias=bias, qk_norm=qk_norm, norm_eps=norm_eps)
+        if not parallel:
+            self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(
@@ -43,6 +49,11 @@ class TransformerEncoderLayer(nn.Module):
         (see :meth:`forward_at`); passing it through ``__call__`` keeps module hooks (FSDP) working."""
         if output_index is not None:
             return self.forward_at(x, output_index, key_padding_mask, is_causal)
+        if self.parallel:
+            h = self.ln_1(x)
+            attn = self.attn(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                             kv_cache=kv_cache)
+            return x + self.drop(attn) + self.drop(self.mlp(h))  # [batch, tokens, dim]
         x = x + self.drop(self.attn(self.ln_1(x), attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                     is_causal=is_causal, kv_cache=kv_cache))
         return x + self.drop(self.mlp(self.ln_2(x)))  # [batch, tokens, dim]
@@ -52,7 +63,10 @@ class TransformerEncoderLayer(nn.Module):
         """The layer's output at one position per sequence, ``[batch, 1, dim]`` (see
         :meth:`MultiHeadAttention.forward_at`): the MLP runs on one token instead of all."""
         rows = x[torch.arange(x.shape[0], device=x.device), index][:, None]  # [batch, 1, dim]
-        rows = rows + self.drop(self.attn.forward_at(self.ln_1(x), index, is_causal, key_padding_mask))
+        attn = self.drop(self.attn.forward_at(self.ln_1(x), index, is_causal, key_padding_mask))
+        if self.parallel:
+            return rows + attn + self.drop(self.mlp(self.ln_1(rows)))
+        rows = rows + attn
         return rows + self.drop(self.mlp(self.ln_2(rows)))
 
 
