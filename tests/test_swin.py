@@ -237,3 +237,23 @@ def test_brivl_swin_round_trip(brivl_swin, tmp_path):
     assert loaded.config == brivl_swin.config and loaded.config.swin.depths == (2, 2, 2, 2)
     images = torch.rand(2, 3, 64, 64)
     assert torch.allclose(loaded.encode_image(images), brivl_swin.encode_image(images), atol=1e-6)
+
+
+def test_bench_window_core_grows_linearly_and_global_quadratically():
+    """bench/vision_blocks.py at tiny sizes: the attention-core FLOPs equal their closed forms (scores and
+    weighted values, 2 x 2 x queries x keys x width), linear in the pixels for windows, quadratic for global."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "vision_blocks.py"
+    spec = importlib.util.spec_from_file_location("vision_blocks", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows, result = bench.window_vs_global([32, 64], repeats=1, patch=8, width=16, heads=2, window=2)
+    core = {(r["impl"], r["size"]): r["core_gflops"] * 1e9 for r in result["results"]}
+    for size in (32, 64):
+        tokens = (size // 8) ** 2
+        assert core["global", size] == pytest.approx(4 * tokens * tokens * 16)
+        assert core["window", size] == pytest.approx(4 * tokens * 4 * 16)  # each query sees its 2x2 window
+    assert result["growth"]["window_64"]["core_gflops"] == 4.0 and result["growth"]["global_64"]["core_gflops"] == 16.0
+    assert len(rows) == 6
