@@ -72,7 +72,7 @@ def training_answers(cfg: TrainConfig) -> list[str]:
 
 FUSION_PREFIXES = ("albef", "vilt", "vlmo", "blip")
 GENERATIVE_PREFIXES = ("coca", "captioner", "blip")
-IMAGE_ONLY_PREFIXES = ("mae",)  # models that read images only: no tokenizer
+IMAGE_ONLY_PREFIXES = ("mae", "timesformer")  # models that read no text: no tokenizer
 #: small models trained from scratch on a word-level vocabulary built from the training captions: the config
 #: key of their text length, and the token ids their configs take from the vocabulary
 WORD_VOCAB_MODELS = {
