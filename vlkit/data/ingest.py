@@ -32,7 +32,10 @@ from vlkit.data.ingest_images import CheckedImage, decoded as decode_images, kee
 from vlkit.data.ingest_report import IngestReport, log_path, report_path, save_report
 from vlkit.data.readers import read_source
 from vlkit.data.records import Problem, Record
-from vlkit.data.schema import CORE_NAMES, PAIR_FIELDS, PAIR_NAMES, build_schema, class_names, extra_field, rows_to_table
+from vlkit.data.ingest_videos import video_columns
+from vlkit.data.schema import (CORE_NAMES, PAIR_FIELDS, PAIR_NAMES, VIDEO_FIELDS, VIDEO_NAMES, build_schema,
+                               class_names, extra_field, rows_to_table)
+from vlkit.data.video import is_video_path
 from vlkit.data.store import is_commit_conflict, open_dataset, retry_on_conflict, write_lock
 from vlkit.errors import DataError
 
@@ -73,7 +76,8 @@ def collect_records(
     usable = []
     for rec in merged.values():
         # a source field named like a core column (e.g. "source", "width") is kept as "extra_<name>"
-        rec.extra = {f"extra_{k}" if k in CORE_NAMES or k in PAIR_NAMES else k: v for k, v in rec.extra.items()}
+        rec.extra = {f"extra_{k}" if k in CORE_NAMES or k in PAIR_NAMES or k in VIDEO_NAMES else k: v
+                     for k, v in rec.extra.items()}
         if not rec.captions and not rec.questions and rec.label is None and rec.class_name is None:
             problems.append(Problem(rec.source, None, f"image '{rec.id}' has no captions, questions or label"))
         else:
@@ -86,7 +90,8 @@ def _extra_fields(records: list[Record]) -> list[pa.Field]:
     for rec in records:
         keys.update(dict.fromkeys(rec.extra))
     pairs = PAIR_FIELDS if any(r.image2_path is not None for r in records) else []  # rows of two images
-    return pairs + [extra_field(k, [r.extra.get(k) for r in records]) for k in keys if k not in CORE_NAMES]
+    videos = VIDEO_FIELDS if any(r.image_data is None and is_video_path(r.image_path) for r in records) else []
+    return pairs + videos + [extra_field(k, [r.extra.get(k) for r in records]) for k in keys if k not in CORE_NAMES]
 
 
 def _row(rec: Record, image) -> dict:
@@ -106,6 +111,7 @@ def _row(rec: Record, image) -> dict:
         **{k: v for k, v in rec.extra.items() if k not in CORE_NAMES},  # a core column is never overwritten
         **({"image2": image.second.data, "width2": image.second.width, "height2": image.second.height,
             "source2": str(rec.image2_path)} if image.second is not None else {}),
+        **video_columns(image),  # a video's file and what it holds (its middle frame is the image)
     }
 
 

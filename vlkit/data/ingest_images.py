@@ -16,7 +16,9 @@ from typing import Callable, Iterator, Sequence
 
 from vlkit.data.images import (DEFAULT_MAX_IMAGE_BYTES, ImageInfo, ImageProblem, check_image, read_bytes,
                                read_image)
+from vlkit.data.ingest_videos import VideoInfo, read_video
 from vlkit.data.records import Problem, Record
+from vlkit.data.video import is_video_path
 
 KEEP_CHECKED_BYTES = 256 * 1024 * 1024
 """The most image bytes ``--strict`` holds in memory between its check and the write."""
@@ -51,6 +53,14 @@ def _read_first(rec: Record, prior: ImageInfo | CheckedImage | None, confine: bo
     if isinstance(prior, ImageInfo):
         return prior
     root = rec.root if confine else None
+    if rec.image_data is None and is_video_path(rec.image_path):  # decoded again: its frame and metadata
+        try:
+            video = read_video(rec.image_path, root=root, max_bytes=max_bytes)
+        except ImageProblem as exc:
+            return exc
+        if prior is not None and hashlib.sha256(video.video).digest() != prior.sha256:
+            return ImageProblem("the video file changed during the ingest (after it was checked)")
+        return video
     try:
         if rec.image_data is not None:  # a source holding the bytes (tar shard, Parquet, HF dataset)
             data = rec.image_data(max_bytes)
@@ -91,6 +101,12 @@ def decoded(records: Sequence[Record], workers: int, chunk: int, confine: bool =
             yield from zip(part, pool.map(read, part, priors))
 
 
+def _held(image: ImageInfo) -> int:
+    """The bytes a checked image (with its second image, or its video) holds in memory."""
+    return (len(image.data) + len(image.second.data if image.second else b"")
+            + len(image.video if isinstance(image, VideoInfo) else b""))
+
+
 def keep_checked(found: Iterator[tuple[Record, object]], problems: list[Problem],
                  problem: Callable[[Record, ImageProblem], Problem],
                  keep_bytes: int | None = None) -> list[ImageInfo | CheckedImage | None]:
@@ -111,9 +127,10 @@ def keep_checked(found: Iterator[tuple[Record, object]], problems: list[Problem]
         if isinstance(image, ImageProblem):
             problems.append(problem(rec, image))
             out.append(None)
-        elif kept + len(image.data) + len(image.second.data if image.second else b"") <= budget:
-            kept += len(image.data) + len(image.second.data if image.second else b"")
+        elif kept + _held(image) <= budget:
+            kept += _held(image)
             out.append(image)
         else:
-            out.append(CheckedImage(image.width, image.height, image.format, hashlib.sha256(image.data).digest()))
+            original = image.video if isinstance(image, VideoInfo) else image.data  # a video's file, not its frame
+            out.append(CheckedImage(image.width, image.height, image.format, hashlib.sha256(original).digest()))
     return out

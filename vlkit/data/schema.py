@@ -36,7 +36,20 @@ PAIR_FIELDS: list[pa.Field] = [
     pa.field("source2", pa.string()),
 ]
 PAIR_NAMES = [f.name for f in PAIR_FIELDS]
-BLOB_NAMES = ("image", "image2")
+
+#: Columns of datasets of videos (:mod:`vlkit.data.ingest_videos`): ``image`` holds the middle frame as JPEG, so
+#: every reader of images works unchanged, and these hold the original file and what it holds. Only datasets
+#: that have videos get them.
+VIDEO_FIELDS: list[pa.Field] = [
+    lance.blob_field("video"),
+    pa.field("fps", pa.float64()),
+    pa.field("frames", pa.int32()),
+    pa.field("duration", pa.float64()),
+    pa.field("video_codec", pa.string()),
+    pa.field("video_format", pa.string()),
+]
+VIDEO_NAMES = [f.name for f in VIDEO_FIELDS]
+BLOB_NAMES = ("image", "image2", "video")
 
 
 #: Extra columns of question-answering sources with a fixed type: per question (aligned with ``questions``)
@@ -86,7 +99,7 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     for f in schema:
         values = [row.get(f.name) for row in rows]
         if f.name in BLOB_NAMES:
-            # a row without a second image holds a null ``image2``
+            # a row without a second image (or a video) holds a null ``image2`` (``video``)
             columns[f.name] = pa.array([{"data": v} if f.name == "image" or v is not None else None
                                         for v in values], type=f.type)
         elif (f.metadata or {}).get(b"vlkit.encoding") == b"json":
@@ -99,6 +112,11 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 def has_pairs(schema: pa.Schema) -> bool:
     """Whether a dataset of ``schema`` can hold rows of two images (it has the ``image2`` column)."""
     return "image2" in schema.names
+
+
+def has_videos(schema: pa.Schema) -> bool:
+    """Whether a dataset of ``schema`` can hold videos (it has the ``video`` column)."""
+    return "video" in schema.names
 
 
 def class_names(schema: pa.Schema) -> list[str]:

@@ -177,7 +177,8 @@ class Trainer:
         self.peak_flops = peak_flops(self.dist.device, cfg.peak_flops)
         self.tasks = [build_task(t.name, t.dataset, t, cfg.datasets[t.dataset], self.tokenizer,
                                  unwrap(self.model).preprocess, self.dist, seed=cfg.seed, augment=cfg.augment,
-                                 **({"model": self.model} if t.name in ("classification", "nlvr2", "video_classification") else {}))
+                                 **({"model": self.model}
+                                    if t.name in ("classification", "nlvr2", "video_classification") else {}))
                       for t in cfg.tasks]
         for task in self.tasks:
             task.to(self.dist.device)

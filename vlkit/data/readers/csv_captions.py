@@ -23,7 +23,7 @@ from vlkit.errors import DataError
 
 from .common import bad_text, confinement_root, image_id, images_root_for
 
-IMAGE_KEYS = ("image", "image_name", "filename", "file_name", "path")
+IMAGE_KEYS = ("image", "image_name", "filename", "file_name", "path", "video", "video_path")
 CAPTION_KEYS = ("caption", "text", "comment", "sentence")
 
 

@@ -1,6 +1,6 @@
 """JSONL, one object per image: ``{"image": path, "text": str or [str], ...extra fields}``.
 
-Known keys: ``image`` (required), ``text``/``caption``/``captions``, ``id``, ``label`` (kept as given),
+Known keys: ``image`` (required; ``video`` names a video file in its place), ``text``/``caption``/``captions``, ``id``, ``label`` (kept as given),
 ``class_name``, ``questions`` with ``answers`` (one list of answers per question), ``split``. Other keys
 become extra columns.
 """
@@ -16,7 +16,7 @@ from .common import bad_text, confinement_root, image_id, images_root_for, json_
 
 TEXT_KEYS = ("text", "caption", "captions")
 MAX_LABEL = 1_000_000  # labels index the class list kept in the dataset's metadata
-KNOWN = {"image", "id", "label", "class_name", "questions", "answers", "split", *TEXT_KEYS}
+KNOWN = {"image", "video", "id", "label", "class_name", "questions", "answers", "split", *TEXT_KEYS}
 
 
 def _texts(value: Any) -> list[Any]:
@@ -28,6 +28,8 @@ def _texts(value: Any) -> list[Any]:
 def _parse(obj: Any) -> tuple[dict | None, str | None]:
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, found {type(obj).__name__}"
+    if "image" not in obj and "video" in obj:  # a video row: read as an image row whose file is a video
+        obj = {"image": obj["video"], **{k: v for k, v in obj.items() if k != "video"}}
     if not isinstance(obj.get("image"), str) or not obj["image"]:
         return None, "missing 'image' path"
     return obj, None
