@@ -44,14 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--format", default="png", choices=("png", "jpeg"),
                        help="image files: png (exact colours, default) or jpeg")
     synth.add_argument("--kind", default="shapes", choices=("shapes", "unanswerable", "text", "pairs",
-                                                                "entailment", "dialog"),
+                                                                "entailment", "dialog", "video"),
                        help="shapes (captions, labels, questions; default), unanswerable (shapes with questions "
                        "about absent objects answered 'unanswerable', with answerable and answer_type as VizWiz "
                        "has them), text (words written in the image, 'what word is written?', OCR tokens as "
                        "TextVQA has them), pairs (NLVR2: two images and a true or false sentence about them; --n "
                        "counts pairs), entailment (SNLI-VE lines: each image with an entailed, a neutral and a "
                        "contradicted hypothesis) or dialog (VisDial: a caption and three rounds about colour, shape "
-                       "and count with 10 answer options each, written as a VisDial file with dense annotations)")
+                       "and count with 10 answer options each, written as a VisDial file with dense annotations) or video (mp4 "
+                       "clips of a shape moving left, right, up or down, growing, shrinking, rotating or bouncing, "
+                       "with the action as class and captions; needs PyAV)")
+    synth.add_argument("--frames", type=int, default=16, help="video: frames per clip, 4 to 128 (default 16)")
+    synth.add_argument("--layout", default="jsonl", choices=("jsonl", "folders"),
+                       help="video: synth.jsonl with labels and captions (default) or class folders videos/<class>/")
     synth.add_argument("--sentences", metavar="KINDS",
                        help="pairs: the kinds of sentence, comma-separated, from color, shape, both, and, count, "
                        "background (default: all)")
@@ -109,10 +114,15 @@ def run_synth(args: argparse.Namespace) -> int:
         kinds = [k.strip() for k in args.sentences.split(",") if k.strip()]
         jsonl = generate_pairs(out, args.n, seed=args.seed, image_size=args.image_size, image_format=args.format,
                                kinds=kinds)
+    elif args.kind == "video":  # action clips (vlkit.data.synth_video)
+        from vlkit.data.synth_video import generate_videos
+
+        jsonl = generate_videos(out, args.n, seed=args.seed, image_size=args.image_size, frames=args.frames,
+                                layout=args.layout)
     else:
         jsonl = generate_kind(out, args.n, args.kind, seed=args.seed, image_size=args.image_size,
                               image_format=args.format)
     report = ingest([jsonl], out / "synth.lance", progress=False)
-    print(f"wrote {args.n} images and {jsonl}")
+    print(f"wrote {args.n} {'videos' if args.kind == 'video' else 'images'} and {jsonl}")
     print(report.summary())
     return 0

@@ -31,7 +31,7 @@ from vlkit.data.synth import (_BACKGROUNDS, _NOISE, COLORS, IMAGE_FORMATS, JSONL
 from vlkit.errors import VlkitError
 
 #: the kinds of synthetic data ``vlkit data synth --kind`` makes
-KINDS = ("shapes", "unanswerable", "text", "pairs", "entailment", "dialog")
+KINDS = ("shapes", "unanswerable", "text", "pairs", "entailment", "dialog", "video")
 #: the words the ``text`` kind writes
 WORDS = ("stop", "open", "cafe", "taxi", "bus", "exit", "sale", "park", "hotel", "bank", "pizza", "books",
          "menu", "shop", "bar", "gym", "zoo", "pub", "tea", "gas", "sushi", "bread", "milk", "ticket")
@@ -70,6 +70,10 @@ def generate_kind(out_dir: str | Path, n: int, kind: str = "shapes", seed: int =
         from vlkit.data.synth_pairs import generate_pairs
 
         return generate_pairs(out_dir, n, seed=seed, image_size=image_size, image_format=image_format)
+    if kind == "video":  # action clips of moving shapes (vlkit.data.synth_video)
+        from vlkit.data.synth_video import generate_videos
+
+        return generate_videos(out_dir, n, seed=seed, image_size=image_size)
     if kind == "dialog":  # Visual Dialog: a caption and three rounds per image, as a VisDial file
         from vlkit.data.synth_dialog import generate_dialogs
 
