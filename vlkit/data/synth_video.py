@@ -145,7 +145,7 @@ def _draw(size: int, background: tuple[int, int, int], color: tuple[int, int, in
         draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
         return img
     corners = ([(-r, -r), (r, -r), (r, r), (-r, r)] if shape == "square"
-               else [(0.0, -r), (r, r * 0.8), (-r, r * 0.8)])
+               else [(0.0, -r), (r, r / 2), (-r, r / 2)])  # the triangle's centroid at (x, y)
     cos, sin = math.cos(angle), math.sin(angle)
     draw.polygon([(x + px * cos - py * sin, y + px * sin + py * cos) for px, py in corners], fill=color)
     return img

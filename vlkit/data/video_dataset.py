@@ -128,6 +128,10 @@ class LanceVideoDataset(LanceImageTextDataset):
         if not self.offsets:
             raise DataError(f"{self.path}: no rows of split '{self.split}' hold a video")
 
+    def _decode(self, data: bytes, indices: list[int], index: tuple[list[int], list[int]]) -> list[Any]:
+        """The frames at ``indices`` of one video (seeking to keyframes; ``index`` is its frame index)."""
+        return decode_frames(data, indices, index=index)
+
     def __getitems__(self, indices: Sequence[int] | EpochBatch) -> dict[str, Any]:
         """One batch of clips (see the class description for its keys)."""
         if isinstance(indices, EpochBatch):
@@ -152,7 +156,7 @@ class LanceVideoDataset(LanceImageTextDataset):
                 index = frame_index(data)
                 picks = [sample_indices(len(index[0]), self.num_frames, self.train, rng, k, self.clips)
                          for k in range(self.clips)]
-                frames = decode_frames(data, [i for p in picks for i in p], index=index)  # every clip at once
+                frames = self._decode(data, [i for p in picks for i in p], index)  # every clip at once
                 for k in range(self.clips):
                     part = frames[k * self.num_frames : (k + 1) * self.num_frames]
                     clips.append(transform_frames(part, self.transform, rng, allow_flip))
