@@ -143,6 +143,8 @@ class TaskConfig:
     # kept in the dialog history given with each question
     negatives: int = ranged(7, **POSITIVE_INT)
     history_rounds: int = ranged(3, **NON_NEGATIVE)
+    # beit only (required): the run or model folder of a trained VQ-VAE whose token ids are the targets
+    tokenizer_run: Optional[str] = None
     # video_classification only: clips read per validation video (evenly spaced), their scores averaged
     clips: int = ranged(1, **POSITIVE_INT)
 

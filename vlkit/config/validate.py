@@ -233,6 +233,11 @@ def _task_checks(cfg: TrainConfig, problems: list[str]) -> None:
             elif task.name not in CAPTION_CHOICE_TASKS:
                 problems.append(f"tasks.{i}.captions: only the {', '.join(CAPTION_CHOICE_TASKS)} tasks read it "
                                 f"(task is {task.name!r}); remove it")
+        if task.name == "beit" and not task.tokenizer_run:
+            problems.append(f"tasks.{i}.tokenizer_run: task beit needs the run (or model folder) of a trained "
+                            f"VQ-VAE tokenizer (e.g. one trained by the vqvae_synth recipe)")
+        elif task.name != "beit" and task.tokenizer_run is not None:
+            problems.append(f"tasks.{i}.tokenizer_run: only the beit task reads it (task is {task.name!r}); remove it")
         if task.name != "visdial":
             for key in DIALOG_KEYS:
                 value = getattr(task, key)

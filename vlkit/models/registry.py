@@ -29,6 +29,7 @@ def _load_families() -> None:
     # importing a family registers its named sizes
     from vlkit.models import albef, blip, blip2, brivl, captioner, clip, coca, mae, vilt, vlmo  # noqa: F401
     from vlkit.models import timesformer  # noqa: F401
+    from vlkit.models import beit, vqvae  # noqa: F401
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -23,6 +23,7 @@ def build_task(name: str, *args, **kwargs):
     from vlkit.tasks import captioning, classification, itm, nlvr2, retrieval, vqa  # noqa: F401  (the built-in tasks)
     from vlkit.tasks import mae, visdial  # noqa: F401
     from vlkit.tasks import video_classification  # noqa: F401
+    from vlkit.tasks import beit, vqvae  # noqa: F401
 
     if name not in TASKS:
         raise VlkitError(f"unknown task '{name}'; available: {sorted(TASKS)}")

@@ -37,6 +37,7 @@ def task_reads(task: TaskConfig) -> list[str]:
     """The columns the task named in ``task`` reads (see :meth:`vlkit.tasks.base.Task.reads`)."""
     from vlkit.tasks import TASKS, classification, itm, nlvr2, retrieval, vqa  # noqa: F401  (the built-in tasks)
     from vlkit.tasks import mae, visdial  # noqa: F401
+    from vlkit.tasks import beit, vqvae  # noqa: F401
 
     return TASKS[task.name].reads(task) if task.name in TASKS else []
 

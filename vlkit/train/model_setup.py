@@ -72,7 +72,7 @@ def training_answers(cfg: TrainConfig) -> list[str]:
 
 FUSION_PREFIXES = ("albef", "vilt", "vlmo", "blip")
 GENERATIVE_PREFIXES = ("coca", "captioner", "blip")
-IMAGE_ONLY_PREFIXES = ("mae", "timesformer")  # models that read no text: no tokenizer
+IMAGE_ONLY_PREFIXES = ("mae", "vqvae", "beit", "timesformer")  # models that read no text: no tokenizer
 #: small models trained from scratch on a word-level vocabulary built from the training captions: the config
 #: key of their text length, and the token ids their configs take from the vocabulary
 WORD_VOCAB_MODELS = {
@@ -114,6 +114,30 @@ def _vocab_args_from(pretrained: str, name: str, args: dict) -> None:
             args.setdefault(arg, saved[arg])
 
 
+def _beit_tokenizers(cfg: TrainConfig) -> list:
+    """``(task index, VQ-VAE)`` of every beit task (its ``tokenizer_run``), loaded before the model is built."""
+    from vlkit.models.vqvae import load_vqvae
+
+    return [(i, load_vqvae(t.tokenizer_run)) for i, t in enumerate(cfg.tasks) if t.name == "beit" and t.tokenizer_run]
+
+
+def _check_image_only_tasks(cfg: TrainConfig, model, beit_tokenizers: list) -> None:
+    """The vqvae and beit tasks train their own model families; a beit task's tokenizer fits the model."""
+    from vlkit.tasks.beit import require_beit, tokenizer_problem
+    from vlkit.tasks.vqvae import require_vqvae
+
+    for i, task in enumerate(cfg.tasks):
+        if task.name in ("vqvae", "beit"):
+            try:
+                (require_vqvae if task.name == "vqvae" else require_beit)(model)
+            except VlkitError as exc:
+                raise VlkitError(f"tasks.{i}.name: {exc} (model.name is {cfg.model.name})") from None
+    for i, tokenizer in beit_tokenizers:
+        why = tokenizer_problem(model, tokenizer)
+        if why:
+            raise VlkitError(f"tasks.{i}.tokenizer_run: {cfg.tasks[i].tokenizer_run}: {why}")
+
+
 def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
     """The model named by ``cfg.model`` and the tokenizer its texts go through.
 
@@ -149,7 +173,11 @@ def build_model_and_tokenizer(cfg: TrainConfig, dist: DistInfo):
         raise VlkitError(f"task captioning needs a model with a text decoder (coca-*, captioner-*, blip-*, "
                          f"blip2-* at stage 2), "
                          f"not {cfg.model.name}")
+    beit_tokenizers = _beit_tokenizers(cfg)
+    if beit_tokenizers and cfg.model.pretrained is None and cfg.model.name.startswith("beit"):
+        args.setdefault("vocab_size", beit_tokenizers[0][1].num_codes)  # the tokenizer's codes are the classes
     model = create_model(cfg.model.name, cfg.model.pretrained, **args)
+    _check_image_only_tasks(cfg, model, beit_tokenizers)
     if cfg.model.pretrained_image:
         from vlkit.models.mae.transfer import load_pretrained_image
 
