@@ -19,7 +19,7 @@ from vlkit.errors import VlkitError
 
 # Subcommand modules, in the order ``vlkit --help`` lists them.
 SUBCOMMANDS = ("ingest", "data", "train", "eval", "predict", "configs", "plot", "embed", "index", "search", "serve",
-               "ask", "caption", "capfilt", "export", "quickstart")
+               "ask", "caption", "capfilt", "export", "imagine", "explain", "quickstart")
 
 #: The pixel limit when neither --max-pixels nor $VLKIT_MAX_PIXELS is given:
 #: ``vlkit.data.decode.DEFAULT_MAX_PIXELS``, repeated for the help text because that module loads Pillow
