@@ -322,3 +322,16 @@ def test_missing_pyav_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(ImageProblem, match=r"pip install 'vlkit\[video\]'"):
         check_video(b"\x00" * 10)
+
+
+def test_data_synth_video_cli_and_info(tmp_path):
+    from vlkit.data.store import dataset_info
+
+    from .conftest import run_cli
+
+    out = run_cli("data", "synth", "--kind", "video", "--n", "8", "--frames", "6", "--image-size", "32",
+                  "--layout", "folders", "--out", tmp_path / "s")
+    assert out.returncode == 0, out.stderr
+    info = dataset_info(tmp_path / "s" / "synth.lance")
+    assert info["videos"] == info["rows"] == 8 and info["classes"] == list(ACTIONS)
+    assert info["images_per_class"] == dict.fromkeys(ACTIONS, 1)

@@ -77,6 +77,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"questions   {info['questions']}")
     if info.get("pairs"):
         print(f"pairs       {info['pairs']} rows of two images (image, image2)")
+    if info.get("videos"):
+        print(f"videos      {info['videos']} rows with a video (video; image: its middle frame)")
     print("splits      " + ", ".join(f"{k}: {v}" for k, v in info["splits"].items()))
     if info["classes"]:
         shown = ", ".join(info["classes"][:12]) + (" ..." if len(info["classes"]) > 12 else "")

@@ -232,5 +232,8 @@ def dataset_info(path: str | Path) -> dict[str, Any]:
         # rows holding a second image (NLVR2 pairs); 0 for single-image datasets
         "pairs": (ds.count_rows() - ds.to_table(columns=["image2"]).column("image2").null_count
                   if "image2" in ds.schema.names else 0),
+        # rows holding a video (vlkit.data.ingest_videos); 0 for datasets of images
+        "videos": (ds.count_rows() - ds.to_table(columns=["video"]).column("video").null_count
+                   if "video" in ds.schema.names else 0),
     }
 
