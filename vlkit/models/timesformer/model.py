@@ -74,6 +74,10 @@ class TimeSformer(nn.Module):
         config: the sizes.
     """
 
+    #: learning-rate groups: the backbone at ``lr_image``, the classification head at ``lr_head``
+    LR_GROUPS = {"image": ("patch_embed.", "class_embedding", "pos_embed", "time_embed", "ln_pre.", "blocks.",
+                           "ln_post.")}
+
     def __init__(self, config: TimeSformerConfig):
         super().__init__()
         if config.attention not in ATTENTIONS:
@@ -97,6 +101,10 @@ class TimeSformer(nn.Module):
     @property
     def width(self) -> int:
         return self.config.width
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.config.preprocess
 
     def _time_embed(self, frames: int) -> Tensor:
         if frames == self.config.frames:
