@@ -81,7 +81,11 @@ def test_beit_masked_token_accuracy_beats_majority(tokenizer_run, synth, tmp_pat
     metrics = trainer.run()
     acc, majority = metrics["val/synth/masked_accuracy"], metrics["val/synth/majority_accuracy"]
     assert acc > majority + 5, metrics
-    assert (out / "model" / "model.safetensors").exists()
+    from vlkit.models.beit.model import BEiT
+    from vlkit.models.io import load_model
+
+    saved = load_model(out / "model")  # the architecture is known to the loaders of eval and inference
+    assert isinstance(saved, BEiT) and saved.config.vocab_size == 64
 
 
 def test_beit_mask_token_hides_the_masked_patches():

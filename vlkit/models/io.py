@@ -52,9 +52,11 @@ def architectures() -> dict[str, type[nn.Module]]:
     from vlkit.models.mae.model import MAE
     from vlkit.models.vilt.model import ViLT
     from vlkit.models.vlmo.model import VLMo
+    from vlkit.models.beit.model import BEiT
+    from vlkit.models.vqvae.model import VQVAE
 
     return {"clip": CLIP, "brivl": BriVL, "albef": ALBEF, "blip": BLIP, "vilt": ViLT, "captioner": Captioner,
-            "coca": CoCa, "vlmo": VLMo, "blip2": BLIP2, "mae": MAE}
+            "coca": CoCa, "vlmo": VLMo, "blip2": BLIP2, "mae": MAE, "vqvae": VQVAE, "beit": BEiT}
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
