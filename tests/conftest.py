@@ -64,6 +64,33 @@ def trained_run(synth, tmp_path_factory):
     return run, metrics
 
 
+#: A tiny CLIP with an 8 x 8 patch grid (32 px images, 4 px patches) trained longer than ``trained_run``: its
+#: heat maps and imagined images are sharp enough to check against the shapes' masks and colours.
+CLIP_TINY_GRID8 = [*(a for a in CLIP_TINY_SYNTH if not a.startswith("epochs=")), "epochs=30",
+                   "model.args={image_size: 32, patch_size: 4}"]
+
+
+@pytest.fixture(scope="session")
+def explain_run(synth, tmp_path_factory):
+    """The run directory of a tiny CLIP (8 x 8 patches) trained on ``synth`` for 30 epochs, shared by the
+    imagination and explanation tests."""
+    import torch
+
+    from vlkit.config.load import load_config
+    from vlkit.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("explain_run") / "run"
+    cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", "tasks=[{name: retrieval, dataset: synth}]",
+                             f"output_dir={run}", *CLIP_TINY_GRID8])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(cfg).run()
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run as fast on one torch thread, and stay fast when other processes busy the CPUs; a module

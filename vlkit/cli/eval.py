@@ -10,7 +10,7 @@ import sys
 from vlkit.cli import add_precision
 
 TASK_CHOICES = ("retrieval", "zeroshot", "linear-probe", "classification", "nlvr2", "vqa", "captioning",
-                "visdial")
+                "visdial", "video-classification")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "accuracy (an answer head, or answers a generative model "
         "writes), captioning (a caption written per image, scored against the references with BLEU-1..4, "
         "METEOR, ROUGE-L and CIDEr-D after PTB tokenisation) or Visual Dialog (visdial: the answer options of "
-        "every dialog round ranked by the image-text matching head: MRR, R@1/5/10, mean rank, NDCG). Metrics "
+        "every dialog round ranked by the image-text matching head: MRR, R@1/5/10, mean rank, NDCG) or video "
+        "classification (a video classifier such as timesformer-*: top-1/top-5, per-class recall, confusion "
+        "matrix, the scores of --clips clips per video averaged). Metrics "
         "are named SPLIT/DATASET/METRIC.",
     )
     p.add_argument("model", metavar="RUN_OR_CHECKPOINT",
@@ -52,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --rerank: order the top K by the ITM probability plus the contrastive similarity "
                    "mapped to [0, 1] (default, as BLIP), or by the ITM probability alone (itm, as ALBEF)")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
+    p.add_argument("--clips", type=int, default=1, metavar="K",
+                   help="video-classification: clips per video, evenly spaced, their scores averaged (default: 1)")
     p.add_argument("--beams", type=int, metavar="N",
                    help="captioning and generated VQA answers: beam search width; 1 is greedy (default: what the "
                    "model was trained to use, saved in its generation.json, else 3)")
@@ -121,6 +125,8 @@ def _print_table(summary: dict, result) -> None:
             extra = f", {len(summary['templates'])} templates"
         elif summary["task"] == "classification":
             extra = f", each image paired with its {summary['text']}"
+        elif summary["task"] == "video-classification":
+            extra = f" (videos: {summary['clips_per_video']} clips of {summary['frames']} frames each)"
         elif summary["task"] == "nlvr2":
             extra = (f" (false, true): each image one of a pair, read with the pair's sentence; "
                      f"{summary['true_share']:.1f} % of the sentences true")
@@ -216,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                       templates=templates, batch_size=args.batch_size, limit=args.limit,
                       num_workers=args.num_workers, progress=not args.json and sys.stderr.isatty(),
                       settings=settings, prompt=args.prompt, spice=args.spice, rerank=args.rerank,
-                      rerank_score=args.rerank_score, precision=args.precision)
+                      rerank_score=args.rerank_score, precision=args.precision, clips=args.clips)
     summary = result.summary()
     if args.predictions:
         from vlkit.eval.caption_report import coco_results

@@ -56,7 +56,7 @@ CHOICES: dict[str, set[str]] = {
     "distributed": {"ddp", "fsdp"},
     "device": {"auto", "cpu", "cuda"},
     "tasks.*.name": {"retrieval", "captioning", "vqa", "itm", "classification", "nlvr2", "visdial", "mae",
-                     "vqvae", "beit"},
+                     "vqvae", "beit", "video_classification"},
     "sampling.strategy": {"all", "round_robin", "proportional", "fixed", "temperature"},
     "model.lock.tower": {"image", "text"},
     "nonfinite": {"stop", "skip"},

@@ -1,5 +1,6 @@
 """Evaluate a trained model on one split of a dataset: retrieval, zero-shot classification, a linear probe,
-image-text classification (:mod:`vlkit.eval.classify`), visual question answering or captioning.
+image-text classification (:mod:`vlkit.eval.classify`), visual question answering, captioning or video
+classification (:mod:`vlkit.eval.video`).
 
 :func:`evaluate` checks that the data suits the task before the model is loaded, loads the model (a run, model
 directory or checkpoint), runs the task and returns an :class:`EvalResult` that holds the metrics (named
@@ -25,7 +26,8 @@ from vlkit.inference.embed import Embeddings, compute_embeddings
 from vlkit.inference.loading import load_for_inference
 from vlkit.tasks.labels import classes_present, require_labels
 
-TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "nlvr2", "vqa", "captioning", "visdial")
+TASKS = ("retrieval", "zeroshot", "linear-probe", "classification", "nlvr2", "vqa", "captioning", "visdial",
+         "video-classification")
 #: what the captioning report and the COCO results need of each written caption
 CAPTION_FIELDS = ("index", "id", "caption", "score", "references", "cider")
 
@@ -92,7 +94,7 @@ class EvalResult:
                 name: (None if math.isnan(v) else v)
                 for name, v in zip(self.class_names, self.classification.per_class_recall.tolist())
             }
-            if self.task in ("classification", "nlvr2"):  # few classes: the whole matrix (rows true)
+            if self.task in ("classification", "nlvr2", "video-classification"):  # few classes: the whole matrix
                 out["confusion"] = {"classes": list(self.class_names), "matrix": self.classification.confusion.tolist()}
         return out
 
@@ -288,7 +290,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
              train_split: str = "train", templates: Sequence[str] | None = None, batch_size: int = 64,
              limit: int | None = None, num_workers: int = 0, progress: bool = False,
              settings: dict[str, Any] | None = None, prompt: str | None = None, spice: bool = False,
-             rerank: int | None = None, rerank_score: str = "itm+itc", precision: str = "auto") -> EvalResult:
+             rerank: int | None = None, rerank_score: str = "itm+itc", precision: str = "auto",
+             clips: int = 1) -> EvalResult:
     """Evaluate a run, model directory or checkpoint on ``split`` of ``dataset``.
 
     Args:
@@ -301,7 +304,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
             ``vqa`` (VQA accuracy of an answer head or of generated answers), ``captioning`` (BLEU-1..4,
             METEOR, ROUGE-L, CIDEr-D of generated captions against the references) or ``visdial`` (the answer
             options of every dialog round ranked by the ITM head: MRR, R@1/5/10, mean rank, NDCG;
-            :mod:`vlkit.eval.dialog`).
+            :mod:`vlkit.eval.dialog`) or ``video-classification`` (top-1/top-5, per-class recall and confusion
+            of a video classifier over ``clips`` clips per video: :mod:`vlkit.eval.video`).
         dataset: a vlkit Lance dataset.
         split: the split to evaluate.
         train_split: the split the linear probe is fitted on.
@@ -320,6 +324,7 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
             are kept under ``..._itc`` names.
         precision: what embeddings are computed in (``auto``, ``fp32``, ``bf16``; see
             :mod:`vlkit.inference.speed`).
+        clips: video-classification: clips per video, their scores averaged (:mod:`vlkit.eval.video`).
 
     Raises:
         VlkitError: unknown task, bad limit or batch size, no such run/model/checkpoint, or a model that
@@ -358,6 +363,10 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         from vlkit.eval.pairs import require_pairs
 
         require_pairs(data, split, limit)
+    elif task == "video-classification":  # labelled videos (vlkit.eval.video)
+        from vlkit.eval.video import check_videos
+
+        check_videos(data, split, limit)
     else:  # checked again by the task; here before the model is loaded, so that a data error comes at once
         require_labels(data, split, {"zeroshot": "zero-shot classification", "classification":
                                      "--task classification"}.get(task, "the linear probe"))
@@ -394,6 +403,11 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         from vlkit.eval.classify import evaluate_classification
 
         result = evaluate_classification(loaded, data, split, base, prefix, batch_size, limit, num_workers, progress)
+    elif task == "video-classification":
+        from vlkit.eval.video import evaluate_video_classification
+
+        result = evaluate_video_classification(loaded, data, split, base, prefix, batch_size, limit, num_workers,
+                                               clips)
     elif task == "vqa":
         result = _evaluate_vqa(loaded, data, split, base, prefix, batch_size, limit, settings, prompt)
     elif task == "captioning":
