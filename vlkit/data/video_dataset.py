@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lance
+import numpy as np
 import torch
 
 from vlkit.data.dataset import CaptionMode, EpochBatch, LanceImageTextDataset
 from vlkit.data.rows import image_error, reading
 from vlkit.data.text import TextTokenizer
 from vlkit.data.transforms import (BICUBIC, ImageTransform, eval_crop_box, hflip, mentions_side,
-                                   random_resized_crop_box, to_uint8_tensor)
+                                   random_resized_crop_box)
 from vlkit.data.video import VideoError, decode_frames, frame_index, sample_indices
 from vlkit.errors import DataError
 
@@ -58,8 +59,8 @@ def transform_frames(frames: list[Any], transform: ImageTransform, rng: random.R
     out = []
     for frame in frames:
         img = frame.convert("RGB").resize(size, BICUBIC, box=box)
-        out.append(to_uint8_tensor(hflip(img) if flip else img))
-    return torch.stack(out)  # [frames, 3, S, S]
+        out.append(np.asarray(hflip(img) if flip else img, dtype=np.uint8))  # [S, S, 3]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()  # [frames, 3, S, S], one copy
 
 
 class LanceVideoDataset(LanceImageTextDataset):
