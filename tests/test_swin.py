@@ -257,3 +257,23 @@ def test_bench_window_core_grows_linearly_and_global_quadratically():
         assert core["window", size] == pytest.approx(4 * tokens * 4 * 16)  # each query sees its 2x2 window
     assert result["growth"]["window_64"]["core_gflops"] == 4.0 and result["growth"]["global_64"]["core_gflops"] == 16.0
     assert len(rows) == 6
+
+
+
+def test_shifted_padded_block_exports_to_onnx(tmp_path):
+    """The window partition, roll, padding and mask export with a dynamic batch (``vlkit export --format onnx``
+    of a Swin CLIP relies on it): onnxruntime equals PyTorch at another batch size."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from torch.export import Dim
+
+    torch.manual_seed(7)
+    block = SwinBlock(16, 2, 4, shift=2).eval()
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(block, (torch.randn(2, 7, 10, 16),), str(path), dynamo=True, verbose=False,
+                      dynamic_shapes={"x": {0: Dim("batch")}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 7, 10, 16)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert (got - block(x)).abs().max() <= 1e-5

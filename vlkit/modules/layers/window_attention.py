@@ -21,15 +21,15 @@ def window_partition(x: Tensor, window: int) -> Tensor:
     """``[batch, H, W, C]`` (sides multiples of ``window``) -> ``[batch, windows, window*window, C]``,
     windows row by row."""
     b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c).transpose(2, 3)
-    return x.reshape(b, (h // window) * (w // window), window * window, c)
+    x = x.view(b, h // window, window, w // window, window, c).transpose(2, 3).contiguous()
+    return x.view(b, (h // window) * (w // window), window * window, c)
 
 
 def window_reverse(windows: Tensor, window: int, height: int, width: int) -> Tensor:
     """Inverse of :func:`window_partition`: ``[batch, windows, window*window, C]`` -> ``[batch, H, W, C]``."""
     b, _, _, c = windows.shape
-    x = windows.view(b, height // window, width // window, window, window, c).transpose(2, 3)
-    return x.reshape(b, height, width, c)
+    x = windows.view(b, height // window, width // window, window, window, c).transpose(2, 3).contiguous()
+    return x.view(b, height, width, c)
 
 
 def relative_position_index(window: int) -> Tensor:
@@ -119,7 +119,7 @@ class WindowAttention(nn.Module):
         shape = (b * nw, self.num_heads, n, self.head_dim)
         out = F.scaled_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=bias,
                                              dropout_p=self.dropout if self.training else 0.0)
-        out = out.view(b, nw, self.num_heads, n, self.head_dim).transpose(2, 3).reshape(b, nw, n, d)
+        out = torch.cat(out.unbind(1), dim=-1).view(b, nw, n, d)  # heads side by side: [batch, windows, N, dim]
         return self.proj(out)
 
 
