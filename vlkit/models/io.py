@@ -54,9 +54,11 @@ def architectures() -> dict[str, type[nn.Module]]:
     from vlkit.models.vlmo.model import VLMo
     from vlkit.models.beit.model import BEiT
     from vlkit.models.vqvae.model import VQVAE
+    from vlkit.models.timesformer.model import TimeSformer
 
     return {"clip": CLIP, "brivl": BriVL, "albef": ALBEF, "blip": BLIP, "vilt": ViLT, "captioner": Captioner,
-            "coca": CoCa, "vlmo": VLMo, "blip2": BLIP2, "mae": MAE, "vqvae": VQVAE, "beit": BEiT}
+            "coca": CoCa, "vlmo": VLMo, "blip2": BLIP2, "mae": MAE, "vqvae": VQVAE, "beit": BEiT,
+            "timesformer": TimeSformer}
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
