@@ -11,8 +11,9 @@ one table and one JSON line):
   of ``--repeats`` forward passes per image (batch 1, no gradients) after a warm-up; the two blocks take turns.
   Window attention's core grows linearly with the pixels (4x per doubling of the side), global attention's
   quadratically (16x per doubling).
-- ``mae_vs_full``: an MAE training step against a full ViT step (added with the MAE model; see the marked
-  place below).
+- ``mae_vs_full``: a training step of an MAE (``--mae-model``, default ``mae-vit-small``: ViT-S/16 at 224 px,
+  75% masking) against a full step of the same ViT on every patch, forward and backward: FLOPs (whole step and
+  the encoder alone) and time per image.
 
 Run: ``python bench/vision_blocks.py [--parts window_vs_global] [--sizes 224 448 896] [--repeats 5]
 [--threads N]`` (prints a table and one JSON line).
@@ -117,12 +118,76 @@ def window_vs_global(sizes: list[int], repeats: int = 5, patch: int = 16, width:
 
 
 # ------------------------------------------------------------------------------------ MAE step vs full ViT step
-# def mae_vs_full(...) -> tuple[list[Row], dict[str, Any]] goes here: it returns rows in the same shape as
-# window_vs_global's and is added to PARTS below.
+def _step_ms(step: Callable[[], None], repeats: int) -> float:
+    """Median milliseconds of a training step (forward and backward), after one warm-up step."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def mae_vs_full(model_name: str = "mae-vit-small", batch: int = 2, repeats: int = 3,
+                mask_ratio: float = 0.75) -> tuple[list[Row], dict[str, Any]]:
+    """An MAE training step (encoder on the visible quarter of the patches, light decoder over all of them,
+    masked-pixel loss) against a full ViT step (the same encoder on every patch, a loss on its pooled feature),
+    forward and backward, per image. FLOPs by ``vlkit.utils.flops.train_flops_per_sample``; time: median of
+    ``repeats`` steps after a warm-up.
+
+    Returns:
+        The table rows and ``{"config", "gflops", "ms", "ratios"}`` (full / MAE, for the whole step and for the
+        encoder alone).
+    """
+    from vlkit.models.registry import create_model
+    from vlkit.utils.flops import train_flops_per_sample
+
+    torch.manual_seed(0)
+    model = create_model(model_name, mask_ratio=mask_ratio)
+    size = model.config.image_size
+    images = torch.randn(batch, 3, size, size)
+    gen = torch.Generator().manual_seed(0)
+
+    def mae_loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x, generator=gen).loss
+
+    def mae_encoder_loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m.forward_encoder(x, m.random_mask(x.shape[0], x.device, gen)).mean()
+
+    def full_loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m.encoder(x).pow(2).mean()  # every patch through every block (mean pooling: no shortcut)
+
+    gflops = {name: train_flops_per_sample(model, (images,), loss_fn=lambda m, b, f=fn: f(m, b[0])) / 1e9
+              for name, fn in (("mae_step", mae_loss), ("mae_encoder", mae_encoder_loss), ("full_step", full_loss))}
+
+    def step(fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            fn(model, images).backward()
+        return run
+
+    model.train()
+    ms = {name: _step_ms(step(fn), repeats) / batch for name, fn in (("mae_step", mae_loss), ("full_step", full_loss))}
+    ratios = {"step_gflops": gflops["full_step"] / gflops["mae_step"],
+              "encoder_gflops": gflops["full_step"] / gflops["mae_encoder"], "step_ms": ms["full_step"] / ms["mae_step"]}
+    c = model.config
+    what = (f"{model_name} ({size} px, {(size // c.patch_size) ** 2} patches, width {c.width} x {c.layers}; "
+            f"decoder {c.decoder_width} x {c.decoder_layers})")
+    rows: list[Row] = [
+        ("mae_vs_full", f"full ViT step, {what}", gflops["full_step"], ms["full_step"], "forward + backward"),
+        ("mae_vs_full", f"MAE step, {mask_ratio:.0%} masked", gflops["mae_step"], ms["mae_step"],
+         f"encoder part {gflops['mae_encoder']:.3f} GFLOPs"),
+        ("mae_vs_full", "full / MAE", ratios["step_gflops"], ratios["step_ms"],
+         f"ratios (FLOPs, time); encoder alone x{ratios['encoder_gflops']:.2f} fewer FLOPs"),
+    ]
+    config = {"model": model_name, "image_size": size, "batch": batch, "repeats": repeats, "mask_ratio": mask_ratio}
+    return rows, {"config": config, "gflops": gflops, "ms": ms, "ratios": {k: round(v, 2) for k, v in ratios.items()}}
 
 
 PARTS: dict[str, Callable[[argparse.Namespace], tuple[list[Row], dict[str, Any]]]] = {
     "window_vs_global": lambda a: window_vs_global(a.sizes, a.repeats),
+    "mae_vs_full": lambda a: mae_vs_full(a.mae_model, repeats=a.repeats),
 }
 
 
@@ -135,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448, 896])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mae-model", default="mae-vit-small", help="the MAE of part mae_vs_full")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:

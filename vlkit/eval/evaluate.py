@@ -338,6 +338,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         raise VlkitError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise VlkitError(f"--batch-size must be at least 1, got {batch_size}")
+    if clips < 1:
+        raise VlkitError(f"--clips must be at least 1, got {clips}")
     if rerank_score not in ("itm", "itm+itc"):
         raise VlkitError(f"unknown --rerank-score {rerank_score!r}; choose itm or itm+itc")
     if rerank is not None and (task != "retrieval" or rerank < 1):
