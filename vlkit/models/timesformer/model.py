@@ -74,6 +74,8 @@ class TimeSformer(nn.Module):
         config: the sizes.
     """
 
+    architecture = "timesformer"
+    config_class = TimeSformerConfig
     #: learning-rate groups: the backbone at ``lr_image``, the classification head at ``lr_head``
     LR_GROUPS = {"image": ("patch_embed.", "class_embedding", "pos_embed", "time_embed", "ln_pre.", "blocks.",
                            "ln_post.")}
