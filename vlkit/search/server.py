@@ -13,6 +13,8 @@ Routes::
                                    /api/search/image, ``n`` (captions, 1 to 5, default 1) as a query parameter
                                    or multipart field; ``{"captions": [{"caption", "score"}], ...}``, best first
     GET  /api/thumbnail/{id}       the stored JPEG thumbnail of an image (ids may contain slashes)
+    GET  /api/explain?id=ID&q=TEXT why the image matches the text: a PNG heat map over its thumbnail, computed
+                                   on demand and cached (:mod:`vlkit.search.explainer`)
 
 Every error is JSON ``{"error": "<message>"}`` with a 4xx status for the caller's mistakes (400 bad query or a
 ``Host`` the server does not answer for, 404 unknown id or route, 413 upload too large in bytes or in pixels,
@@ -47,6 +49,7 @@ from vlkit import __version__
 from vlkit.errors import VlkitError
 from vlkit.data.decode import max_pixels
 from vlkit.search.describe import MAX_DESCRIPTIONS, Describer
+from vlkit.search.explainer import ExplanationCache
 from vlkit.search.http_guard import LOOPBACK_HOSTS, AllowedHosts
 from vlkit.inference.loading import LoadedModel
 from vlkit.search.searcher import (MAX_IMAGE_BYTES, MAX_K, IndexUnavailable, QueryError, QueryImageTooLarge,
@@ -287,6 +290,18 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
         return {"n": n, "took_ms": round((time.perf_counter() - start) * 1000, 1),
                 "model_tag": describe.loaded.tag,
                 "captions": [{"caption": text, "score": score} for text, score in written]}
+
+    explanations = ExplanationCache(searcher)
+    app.state.explanations = explanations
+
+    @app.get("/api/explain")
+    def explain_match(id: str | None = None, q: str | None = None) -> Response:  # noqa: A002 (the query key)
+        image_id, query = explanations.check(id, q)
+        searcher.refresh()
+        picture = explanations.get(image_id, query, svc.locked)
+        if picture is None:
+            raise ApiError(404, f"no image with id {image_id!r} in this index")
+        return Response(picture, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/thumbnail/{image_id:path}")
     def thumbnail(image_id: str, request: Request) -> Response:

@@ -68,7 +68,20 @@
   }
 
   // ------------------------------------------------------------------ rendering
-  function imageCard(result, rank) {
+  function whyButton(result, query, image) {
+    // "why?": the heat map of what in this image matches the query, drawn over the thumbnail (and back)
+    const why = el("button", { type: "button", className: "ghost", text: "why?", "aria-pressed": "false",
+                               title: "Show where this image matches the query", "data-testid": "explain" });
+    why.addEventListener("click", () => {
+      const showing = why.getAttribute("aria-pressed") === "true";
+      image.src = showing ? result.thumbnail
+        : `/api/explain?${new URLSearchParams({ id: result.id, q: query })}`;
+      why.setAttribute("aria-pressed", String(!showing));
+    });
+    return why;
+  }
+
+  function imageCard(result, rank, query) {
     const captions = (result.captions || []).filter((c) => c !== result.caption);
     const more = captions.length
       ? el("details", { className: "more" }, [
@@ -79,8 +92,10 @@
     const similar = el("button", { type: "button", className: "ghost", text: "Similar",
                                    title: "Find images similar to this one", "data-testid": "find-similar" });
     similar.addEventListener("click", () => searchLikeResult(result));
+    const image = thumb(result, result.caption || result.id);
+    const why = query ? whyButton(result, query, image) : null;
     return el("article", { className: "card", "data-testid": "result-card", dataset: { id: result.id } }, [
-      el("div", { className: "thumb" }, [thumb(result, result.caption || result.id),
+      el("div", { className: "thumb" }, [image,
                                          el("span", { className: "rank", text: `#${rank}` })]),
       el("div", { className: "card-body" }, [
         el("div", { className: "score-row" }, [
@@ -90,7 +105,7 @@
         el("p", { className: "caption", text: result.caption || "(no caption)", "data-testid": "result-caption" }),
         more,
         el("div", { className: "card-foot" }, [el("code", { className: "id", text: result.id, title: result.id }),
-                                              similar]),
+                                              why, similar]),
       ]),
     ]);
   }
@@ -143,7 +158,7 @@
       els.results.replaceChildren(el("ol", { className: "caption-list" },
                                      body.results.map((r, i) => captionRow(r, i + 1))));
     } else {
-      els.results.replaceChildren(...body.results.map((r, i) => imageCard(r, i + 1)));
+      els.results.replaceChildren(...body.results.map((r, i) => imageCard(r, i + 1, body.query)));
     }
     const noun = captions ? "caption" : "image";
     const count = body.results.length;
