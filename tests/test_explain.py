@@ -195,3 +195,23 @@ def test_explain_command_writes_the_heat_map_and_the_words(explain_run, tmp_path
     failed = run_cli("explain", explain_run, bad, "a red circle", "--out", tmp_path / "x.png")
     assert failed.returncode == 2 and str(bad) in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_eval_report_shows_heat_maps_of_the_top_five(explain_run, synth, tmp_path):
+    """The retrieval report draws the first query's top-5 images and, beneath, their heat maps."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    report = tmp_path / "report"
+    result = run_cli("eval", explain_run, "--data", synth, "--report", report, "--precision", "fp32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (report / "index.html").read_text()
+    assert "explanations.png" in re.findall(r'<img src="([^"]+\.png)"', page)
+    with Image.open(report / "explanations.png") as figure:
+        pixels = np.asarray(figure.convert("RGB"), dtype=int)
+    assert pixels.shape == (2 * 216, 5 * 200, 3)
+    images, heats = pixels[:200], pixels[216:416]
+    changed = [np.abs(images[:, 200 * i:200 * (i + 1)] - heats[:, 200 * i:200 * (i + 1)]).mean() for i in range(5)]
+    assert sum(c > 1 for c in changed) >= 4  # the heat is drawn over (almost) every image

@@ -122,6 +122,10 @@ def _retrieval_body(result: EvalResult, out: Path) -> str:
         f"Top {TOP_K} images for {len(queries)} {result.split} captions")
     parts.append(_figure("retrieval_examples.png", f"The {TOP_K} images each caption retrieves first, with "
                                                     "their cosine similarity; the correct image is framed."))
+    from vlkit.eval.explain_report import explanations_figure
+
+    parts.append(explanations_figure(result.model, emb.captions[queries[0]], [thumb_of[i] for i, _, _ in hits[0]],
+                                     [s for _, s, _ in hits[0]], out))  # the first query's top images
     return "\n".join(parts)
 
 
