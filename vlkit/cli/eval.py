@@ -130,7 +130,8 @@ def _print_table(summary: dict, result) -> None:
         elif summary["task"] == "nlvr2":
             extra = (f" (false, true): each image one of a pair, read with the pair's sentence; "
                      f"{summary['true_share']:.1f} % of the sentences true")
-        print(f"{summary['images']} images, {summary['classes']} classes{extra}")
+        noun = "videos" if summary["task"] == "video-classification" else "images"
+        print(f"{summary['images']} {noun}, {summary['classes']} classes{extra}")
         present = summary["classes_present"]
         shown = ", ".join(present[:12]) + (" ..." if len(present) > 12 else "")
         print(f"classes present: {shown} (scored against all {summary['classes_scored']} classes of the dataset)\n")
