@@ -147,6 +147,8 @@ class TaskConfig:
     tokenizer_run: Optional[str] = None
     # video_classification only: clips read per validation video (evenly spaced), their scores averaged
     clips: int = ranged(1, **POSITIVE_INT)
+    # video_retrieval only: frames per clip, one from each of as many equal segments of the video
+    frames: int = ranged(8, **POSITIVE_INT)
 
 
 @dataclass

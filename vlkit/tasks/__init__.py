@@ -22,7 +22,7 @@ def register_task(name: str):
 def build_task(name: str, *args, **kwargs):
     from vlkit.tasks import captioning, classification, itm, nlvr2, retrieval, vqa  # noqa: F401  (the built-in tasks)
     from vlkit.tasks import mae, visdial  # noqa: F401
-    from vlkit.tasks import video_classification  # noqa: F401
+    from vlkit.tasks import video_classification, video_retrieval  # noqa: F401
     from vlkit.tasks import beit, vqvae  # noqa: F401
 
     if name not in TASKS:
