@@ -27,9 +27,22 @@ def encode_video(model: nn.Module, video: Tensor, normalize: bool = True) -> Ten
     """
     if video.dim() != 5:
         raise ValueError(f"videos must be [batch, frames, 3, H, W], got shape {tuple(video.shape)}")
-    b, t = video.shape[:2]
     frames = model.encode_image(video.flatten(0, 1), normalize=True)  # [batch * frames, embed_dim]
-    pooled = frames.view(b, t, -1).mean(dim=1)  # [batch, embed_dim]
+    return pool_frames(frames, video.shape[1], normalize)
+
+
+def pool_frames(frame_embeds: Tensor, frames: int, normalize: bool = True) -> Tensor:
+    """The mean of each video's L2-normalised frame embeddings.
+
+    Args:
+        frame_embeds: ``[batch * frames, embed_dim]``, video by video (each already normalised).
+        frames: frames per video.
+        normalize: L2-normalise the mean.
+
+    Returns:
+        ``[batch, embed_dim]``.
+    """
+    pooled = frame_embeds.view(-1, frames, frame_embeds.shape[-1]).mean(dim=1)  # [batch, embed_dim]
     return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
