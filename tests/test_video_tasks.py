@@ -79,6 +79,33 @@ def test_eval_video_classification_equals_the_model_run_by_hand(video_run, video
     assert bad.returncode == 2 and "--clips" in bad.stderr
 
 
+def test_clip_video_recipe_trains_and_validates_against_embeddings_by_hand(videos, tmp_path):
+    from vlkit.config.load import load_config
+    from vlkit.data.text import TextTokenizer
+    from vlkit.data.transforms import ImageTransform
+    from vlkit.data.video_dataset import LanceVideoDataset
+    from vlkit.inference.loading import load_for_inference
+    from vlkit.metrics.retrieval import retrieval_metrics
+    from vlkit.train.trainer import Trainer
+
+    cfg = load_config(ROOT / "vlkit" / "configs" / "clip_video_synth.yaml",
+                      [f"datasets.synth_video.path={videos}", f"output_dir={tmp_path / 'run'}", "epochs=2",
+                       "batch_size=8", "progress=false", "log_every=1", "optim.warmup_steps=2"])
+    metrics = Trainer(cfg).run()
+    assert "val/synth_video/t2i_r1" in metrics and "val/synth_video/i2t_r5" in metrics
+    loaded = load_for_inference(tmp_path / "run")
+    model, pre = loaded.model.eval(), loaded.model.preprocess
+    ds = LanceVideoDataset(videos, "val", ImageTransform(pre.image_size, train=False, mean=pre.mean, std=pre.std),
+                           num_frames=4, tokenizer=loaded.tokenizer, captions="first")
+    batch = ds.__getitems__(list(range(len(ds))))
+    with torch.no_grad():
+        v = VideoTwoTower(model).encode_video(batch["video"])
+        t = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    expected = retrieval_metrics(v, t, torch.arange(len(ds))).as_dict()
+    for name in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"):
+        assert metrics[f"val/synth_video/{name}"] == pytest.approx(expected[name]), name
+
+
 def test_clip_video_embedding_is_the_mean_of_frame_embeddings():
     torch.manual_seed(0)
     clip = create_model("clip-tiny").eval()
