@@ -102,7 +102,7 @@ def attention(frames: list[int] | None = None, model: str = "timesformer-small",
             r = by[a]
             rows.append((f"{t} frames ({r['tokens']} tokens), {a}", r["gflops"], r["ms"],
                          "forward GFLOPs per clip; ms per step (forward + backward)"))
-        ratio = {"gflops": by["joint"]["gflops"] / by["divided"]["gflops"], "ms": by["joint"]["ms"] / by["divided"]["ms"]}
+        ratio = {key: by["joint"][key] / by["divided"][key] for key in ("gflops", "ms")}
         ratios[str(t)] = {k: round(v, 2) for k, v in ratio.items()}
         rows.append((f"{t} frames, joint / divided", ratio["gflops"], ratio["ms"], "ratios (FLOPs, time)"))
     config = {"model": model, "layers": layers, "image_size": image_size, "batch": batch, "repeats": repeats}
@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("| case | forward GFLOPs/clip (or ratio) | ms/step (or ratio) | note |")
     print("|---|---|---|---|")
     for case, gflops, ms, note in rows:
-        print(f"| {case} | {'-' if gflops is None else f'{gflops:.2f}'} | {'-' if ms is None else f'{ms:.1f}'} | {note} |")
+        shown_gflops = "-" if gflops is None else f"{gflops:.2f}"
+        shown_ms = "-" if ms is None else f"{ms:.1f}"
+        print(f"| {case} | {shown_gflops} | {shown_ms} | {note} |")
     print(json.dumps(out))
     return out
 

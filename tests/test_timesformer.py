@@ -155,7 +155,8 @@ def test_shapes_for_8_and_16_frames(attention, frames):
     tokens = model.forward_features(video)
     assert tokens.shape == ((2 * frames, 1 + 16, 64) if attention == "space" else (2, 1 + frames * 16, 64))
     logits.sum().backward()  # every parameter takes part
-    unused = [n for n, p in model.named_parameters() if p.grad is None and not (attention == "space" and n == "time_embed")]
+    unused = [n for n, p in model.named_parameters()
+              if p.grad is None and not (attention == "space" and n == "time_embed")]  # space: no time embedding
     assert not unused
     # a model made for 8 frames reads 16 (time embedding interpolated)
     assert _tiny(attention, frames=8)(torch.randn(1, 16, 3, 32, 32)).shape == (1, 8)

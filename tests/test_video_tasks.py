@@ -38,8 +38,8 @@ def video_run(videos, tmp_path_factory):
     from vlkit.train.trainer import Trainer
 
     run = tmp_path_factory.mktemp("video_run") / "run"
-    cfg = load_config(ROOT / "vlkit" / "configs" / "timesformer_synth.yaml", [f"datasets.synth_video.path={videos}", f"output_dir={run}",
-                                            *RECIPE_SHORT])
+    cfg = load_config(ROOT / "vlkit" / "configs" / "timesformer_synth.yaml",
+                      [f"datasets.synth_video.path={videos}", f"output_dir={run}", *RECIPE_SHORT])
     return run, Trainer(cfg).run()
 
 
