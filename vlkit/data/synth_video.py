@@ -16,7 +16,7 @@ or (``layout="folders"``) ``out_dir/videos/<class name>/000000.mp4``, a class-fo
 Guarantees the tests rely on: the motion is visible in the decoded frames (the shape's centroid moves by at
 least a quarter of the frame for the moving classes and comes back for ``bouncing``; its area changes by at
 least half for growing and shrinking; it keeps its place and area while rotating), and the files depend only
-on the arguments (one encoder thread).
+on the arguments (MPEG-4 part 2 in mp4, one encoder thread, timestamps set).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import io
 import json
 import math
 import random
+from fractions import Fraction
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -46,7 +47,7 @@ MIN_FRAMES, MAX_FRAMES = 4, 128
 
 
 def generate_videos(out_dir: str | Path, n: int, seed: int = 0, image_size: int = 64, frames: int = 16,
-                    fps: int = 8, layout: str = "jsonl", codec: str = "libx264") -> Path:
+                    fps: int = 8, layout: str = "jsonl", codec: str = "mpeg4") -> Path:
     """Write ``n`` synthetic action videos and their manifest (or class folders).
 
     Args:
@@ -58,7 +59,8 @@ def generate_videos(out_dir: str | Path, n: int, seed: int = 0, image_size: int 
         fps: frames per second written in the file.
         layout: ``jsonl`` (``synth.jsonl`` with ``label``, ``class_name`` and captions) or ``folders``
             (``videos/<class>/``).
-        codec: ``libx264`` (H.264) or ``mpeg4`` (MPEG-4 part 2), in an mp4 file.
+        codec: ``mpeg4`` (MPEG-4 part 2: byte-for-byte repeatable) or ``libx264`` (H.264, whose output was
+            seen to differ between two encodes of the same frames in one process), in an mp4 file.
 
     Returns:
         The path to ingest: ``out_dir/synth.jsonl``, or ``out_dir/videos`` for ``folders``.
@@ -151,8 +153,9 @@ def _draw(size: int, background: tuple[int, int, int], color: tuple[int, int, in
     return img
 
 
-def encode_video(images: list[Image.Image], fps: int, codec: str = "libx264") -> bytes:
-    """Encode RGB frames as an mp4 (yuv420p, one thread, so the bytes depend only on the frames)."""
+def encode_video(images: list[Image.Image], fps: int, codec: str = "mpeg4") -> bytes:
+    """Encode RGB frames as an mp4 (yuv420p, one encoder thread); with ``mpeg4`` the bytes depend only on the
+    frames."""
     import av
 
     buf = io.BytesIO()
@@ -166,8 +169,10 @@ def encode_video(images: list[Image.Image], fps: int, codec: str = "libx264") ->
         stream.codec_context.options = {"crf": "18", "preset": "fast"}
     else:
         stream.codec_context.bit_rate = 400_000
-    for image in images:
-        for packet in stream.encode(av.VideoFrame.from_image(image)):
+    for t, image in enumerate(images):
+        frame = av.VideoFrame.from_image(image)
+        frame.pts, frame.time_base = t, Fraction(1, fps)  # set, never left to the encoder's guess
+        for packet in stream.encode(frame):
             container.mux(packet)
     for packet in stream.encode():
         container.mux(packet)
