@@ -153,7 +153,8 @@ def loader(videos: int = 16, seconds: float = 10.0, gops: list[int] | None = Non
                 cps = {name: _clips_per_s(cls(path, "train", transform, num_frames=frames), w, batch, repeats)
                        for name, cls in (("seek", LanceVideoDataset), ("every", DecodeEveryFrame),
                                          ("every_rgb", DecodeEveryFrameRGB))}
-                results.append({"gop": gop, "workers": w, "ingest_videos_per_s": round(ingest_vps, 2), **{f"{k}_cps": round(v, 2) for k, v in cps.items()},
+                results.append({"gop": gop, "workers": w, "ingest_videos_per_s": round(ingest_vps, 2),
+                                **{f"{k}_cps": round(v, 2) for k, v in cps.items()},
                                 "seek_over_every": round(cps["seek"] / cps["every"], 2),
                                 "seek_over_every_rgb": round(cps["seek"] / cps["every_rgb"], 2)})
                 note = f"keyframe every {gop} frames, {w} workers"

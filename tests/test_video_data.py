@@ -243,7 +243,8 @@ def test_training_clips_share_one_crop_and_never_flip_a_left_right_clip(tmp_path
         assert xs[-1] < xs[0]  # still moving left: a caption that says "left" is never mirrored
     assert len(crops) > 1  # the crops do change between epochs
     again = ds.__getitems__([still_pos, left_pos])
-    assert torch.equal(again["video"], batch["video"]) and again["frame_index"].tolist() == batch["frame_index"].tolist()
+    assert torch.equal(again["video"], batch["video"])  # the same epoch gives the same clips
+    assert again["frame_index"].tolist() == batch["frame_index"].tolist()
 
 
 def test_loader_through_make_loader(synth_videos):

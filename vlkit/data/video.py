@@ -18,7 +18,6 @@ import bisect
 import io
 import random
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -324,7 +323,3 @@ def sample_indices(frames: int, num: int, train: bool, rng: random.Random | None
             out.append(min(frames - 1, (2 * i * clips + 2 * clip + 1) * frames // (2 * num * clips)))
     return out
 
-
-def frame_rate(value: float | Fraction) -> Fraction:
-    """A frame rate as the fraction encoders take (``25.0`` -> ``25``, ``29.97`` -> ``2997/100``)."""
-    return Fraction(value).limit_denominator(1001)
