@@ -104,6 +104,9 @@ def test_beit_mask_token_hides_the_masked_patches():
         visible = images.clone()
         visible[:, :, 0:8, 8:16] += 3.0  # patch (0,1): visible
         assert not torch.allclose(base, model(visible, mask), atol=1e-3)
+        # with nothing masked the features are the plain ViT's
+        assert torch.allclose(model.forward_features(images, torch.zeros_like(mask)),
+                              model.encoder.forward_features(images), atol=1e-5)
         # without a mask the same pixels are seen
         assert not torch.allclose(model(images, torch.zeros_like(mask)), model(changed, torch.zeros_like(mask)))
 
