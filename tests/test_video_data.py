@@ -117,6 +117,19 @@ def test_bad_videos_are_one_line_each(video_files, ingested):
     assert "empty video file" in by_file["zero.mkv"]
 
 
+def test_csv_with_a_video_column(video_files, tmp_path):
+    root, _, files = video_files
+    csv = root / "captions.csv"
+    csv.write_text("video,caption\na.mp4,a bar moves right\na.mp4,a sweeping bar\nc.webm,a bar on blue\n")
+    ingest([csv], tmp_path / "c.lance", progress=False)
+    ds = lance.dataset(str(tmp_path / "c.lance"))
+    rows = ds.to_table(columns=["id", "captions", "frames"]).to_pylist()
+    assert sorted((r["id"], r["captions"], r["frames"]) for r in rows) == [
+        ("a.mp4", ["a bar moves right", "a sweeping bar"], 30), ("c.webm", ["a bar on blue"], 17)]
+    blobs = dict(zip([r["id"] for r in rows], (d for _, d in ds.read_blobs("video", indices=[0, 1]))))
+    assert blobs == {"a.mp4": files["a.mp4"], "c.webm": files["c.webm"]}
+
+
 def test_truncated_stream_with_its_header_is_reported(tmp_path):
     data = _pattern_video(40, "mpeg4", "avi")  # avi: the index is at the end, the header says 40 frames
     with pytest.raises(DataError, match="truncated video"):
