@@ -215,3 +215,32 @@ def test_eval_report_shows_heat_maps_of_the_top_five(explain_run, synth, tmp_pat
     images, heats = pixels[:200], pixels[216:416]
     changed = [np.abs(images[:, 200 * i:200 * (i + 1)] - heats[:, 200 * i:200 * (i + 1)]).mean() for i in range(5)]
     assert sum(c > 1 for c in changed) >= 4  # the heat is drawn over (almost) every image
+
+
+def test_cnn_tower_gradcam_matches_a_hand_computation_on_brivl():
+    """BriVL runs its frozen EfficientNet without autograd; the explanation still reaches its last feature map
+    (found by hooks) and equals Grad-CAM computed here from ``backbone.forward_features``, and the frozen text
+    encoder's token embeddings still get their gradient x input."""
+    import vlkit
+    from vlkit.explain.gradcam import cam_from_map, explain
+    from vlkit.models.io import load_tokenizer
+
+    torch.manual_seed(0)
+    model = vlkit.create_model("brivl-tiny").eval()
+    tok = load_tokenizer("/nonexistent", model)
+    pixels = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    result = explain(model, tok, pixels, "a red circle")
+    assert result.method == "gradcam" and result.heat.shape == (96, 96)
+    assert [w.token for w in result.words] == ["a", "red", "circle"] and any(w.weight != 0 for w in result.words)
+
+    fmap = model.backbone.forward_features(pixels).detach().requires_grad_(True)  # [1, 1280, 3, 3]
+    image = F.normalize(model.image_head(model.mspp(fmap)), dim=-1)
+    ids = tok(["a red circle"])
+    with torch.no_grad():
+        text = model.encode_text(ids["input_ids"], ids["attention_mask"])
+    grad, = torch.autograd.grad(F.cosine_similarity(image, text).sum(), fmap)
+    cam = cam_from_map(fmap[0].detach(), grad[0], per_position=False)
+    expected = F.interpolate(cam[None, None], size=(96, 96), mode="bilinear", align_corners=False)[0, 0]
+    expected = expected / expected.max() if expected.max() > 0 else expected
+    torch.testing.assert_close(result.heat, expected, atol=1e-4, rtol=1e-4)
+    assert model.config.trainable_backbone_blocks == 0  # lifted only during the call

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, metavar="PX", help="side of the image (default: the model's input size)")
     p.add_argument("--neuron", type=int, metavar="C", help="also maximise channel C of the last feature map")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
+    p.add_argument("--copies", type=int, default=8, metavar="N",
+                   help="augmented copies embedded at each step (default 8; fewer is faster on a CPU)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of the Fourier coefficients (default 0.05)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     texts = [t.strip() for t in args.texts]
     if any(not t for t in texts):
         raise VlkitError("every TEXT must have at least one non-blank character")
-    settings = ImagineSettings(steps=args.steps, size=args.size, lr=args.lr, neuron=args.neuron, seed=args.seed)
+    settings = ImagineSettings(steps=args.steps, size=args.size, lr=args.lr, neuron=args.neuron, seed=args.seed,
+                              copies=args.copies)
     settings.check()
     if not 0 < args.lr < float("inf"):
         raise VlkitError(f"--lr must be a positive number, got {args.lr}")

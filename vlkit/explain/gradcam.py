@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlkit.errors import VlkitError
-from vlkit.explain.towers import tap_feature_map
+from vlkit.explain.towers import gradients_through, tap_feature_map
 from vlkit.explain.words import WordWeight, tap_token_embeddings, word_weights
 
 
@@ -82,7 +82,8 @@ def explain(model: nn.Module, tokenizer, pixels: Tensor, text: str) -> Explanati
     tokens = tokenizer([text.strip()])
     input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     size = tuple(pixels.shape[-2:])
-    with torch.enable_grad(), tap_feature_map(model, size) as fmap, tap_token_embeddings(model) as emb:
+    with torch.enable_grad(), gradients_through(model), tap_feature_map(model, size) as fmap, \
+            tap_token_embeddings(model) as emb:
         image = model.encode_image(pixels)  # [1, dim]
         txt = model.encode_text(input_ids, mask)  # [1, dim]
         score = F.cosine_similarity(image, txt, dim=-1).sum()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlkit.errors import VlkitError
-from vlkit.explain.towers import tap_feature_map
+from vlkit.explain.towers import gradients_through, tap_feature_map
 
 #: Square root of a colour-correlation matrix of natural images (the one feature-visualisation work uses), so
 #: that the three learned channels are uncorrelated.
@@ -147,7 +147,8 @@ def imagine(model: nn.Module, text_embedding: Tensor, settings: ImagineSettings,
     try:
         for step in range(settings.steps):
             optimiser.zero_grad(set_to_none=True)
-            with torch.enable_grad(), tap_feature_map(model, (image_size, image_size)) as fmap:
+            with torch.enable_grad(), gradients_through(model), tap_feature_map(model, (image_size, image_size)) \
+                    as fmap:
                 views = augment(image(), settings.copies, image_size, settings, rng)
                 embedded = model.encode_image(normalize(views))  # [copies, dim]
                 similarity = F.cosine_similarity(embedded, target[None], dim=-1).mean()

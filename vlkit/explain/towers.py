@@ -1,7 +1,7 @@
 """Where an image tower keeps its last feature map, found by forward hooks rather than by names.
 
-A CNN tower (EfficientNet in BriVL) gives a map ``[batch, channels, h, w]``: the last 4-d output of any of its
-modules in forward order is its last feature map. A ViT tower (CLIP) gives tokens ``[batch, 1 + h*w, width]``:
+A CNN tower (EfficientNet in BriVL) gives a map ``[batch, channels, h, w]``: what its ``forward_features``
+returns (the last map of a list of stage maps), else the last 4-d output of any of its modules in forward order. A ViT tower (CLIP) gives tokens ``[batch, 1 + h*w, width]``:
 its map is the input of its last block (the last block of a class-token ViT computes the class token only).
 """
 
@@ -55,6 +55,26 @@ def image_tower(model: nn.Module) -> nn.Module:
     raise VlkitError(f"a {type(model).__name__} names no image tower (LR_GROUPS['image'])")
 
 
+#: Config keys by which a model runs a frozen pretrained tower without autograd (BriVL): 0 means frozen.
+FROZEN_TOWER_KEYS = ("trainable_backbone_blocks", "trainable_text_layers")
+
+
+@contextlib.contextmanager
+def gradients_through(model: nn.Module) -> Iterator[None]:
+    """Let gradients flow through towers the model runs without autograd because they are frozen (BriVL's
+    ``trainable_backbone_blocks=0``): the keys are raised to 1 for the block, so the activations are recorded
+    (the weights themselves keep ``requires_grad=False`` and receive nothing)."""
+    config = getattr(model, "config", None)
+    lifted = [key for key in FROZEN_TOWER_KEYS if getattr(config, key, None) == 0]
+    for key in lifted:
+        setattr(config, key, 1)
+    try:
+        yield
+    finally:
+        for key in lifted:
+            setattr(config, key, 0)
+
+
 def _is_vit(tower: nn.Module) -> bool:
     return hasattr(tower, "patch_embed") and hasattr(tower, "blocks") and hasattr(tower, "class_embedding")
 
@@ -90,8 +110,21 @@ def tap_feature_map(model: nn.Module, image_size: tuple[int, int]) -> Iterator[F
                 found.grid = (output.shape[2], output.shape[3])
 
         handles += [m.register_forward_hook(keep_last_map) for m in tower.modules()]
+        original = getattr(tower, "forward_features", None)
+        if callable(original):  # its return value is the map itself (after any functional activation)
+
+            def forward_features(*args, **kwargs):
+                out = original(*args, **kwargs)
+                last = out[-1] if isinstance(out, (list, tuple)) else out  # a backbone's stage maps: the last
+                if isinstance(last, Tensor) and last.dim() == 4 and last.requires_grad:
+                    found.value, found.grid = last, (last.shape[2], last.shape[3])
+                return out
+
+            tower.forward_features = forward_features  # an instance attribute, removed below
     try:
         yield found
     finally:
         for h in handles:
             h.remove()
+        if "forward_features" in vars(tower):
+            del tower.forward_features

@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from vlkit.errors import VlkitError
@@ -48,7 +49,10 @@ def tap_token_embeddings(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     found: dict[str, Tensor] = {}
 
     def keep(module, args, output):
+        if torch.is_grad_enabled() and not output.requires_grad:  # frozen weights: make the output a leaf
+            output = output.detach().requires_grad_(True)
         found["value"] = output
+        return output
 
     handle = token_embedding(model).register_forward_hook(keep)
     try:
