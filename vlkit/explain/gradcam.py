@@ -75,6 +75,8 @@ def explain(model: nn.Module, tokenizer, pixels: Tensor, text: str) -> Explanati
     from vlkit.inference.embed import require_embeddings
 
     require_embeddings(model, "an explanation")
+    if not isinstance(model, nn.Module) or next(iter(model.parameters()), None) is None:
+        raise VlkitError("explanations take gradients through the model: they need the PyTorch runtime")
     if pixels.dim() == 3:
         pixels = pixels[None]
     device = next(model.parameters()).device
