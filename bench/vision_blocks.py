@@ -170,7 +170,8 @@ def mae_vs_full(model_name: str = "mae-vit-small", batch: int = 2, repeats: int 
     model.train()
     ms = {name: _step_ms(step(fn), repeats) / batch for name, fn in (("mae_step", mae_loss), ("full_step", full_loss))}
     ratios = {"step_gflops": gflops["full_step"] / gflops["mae_step"],
-              "encoder_gflops": gflops["full_step"] / gflops["mae_encoder"], "step_ms": ms["full_step"] / ms["mae_step"]}
+              "encoder_gflops": gflops["full_step"] / gflops["mae_encoder"],
+              "step_ms": ms["full_step"] / ms["mae_step"]}
     c = model.config
     what = (f"{model_name} ({size} px, {(size // c.patch_size) ** 2} patches, width {c.width} x {c.layers}; "
             f"decoder {c.decoder_width} x {c.decoder_layers})")
