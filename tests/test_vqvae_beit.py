@@ -86,6 +86,17 @@ def test_beit_masked_token_accuracy_beats_majority(tokenizer_run, synth, tmp_pat
 
     saved = load_model(out / "model")  # the architecture is known to the loaders of eval and inference
     assert isinstance(saved, BEiT) and saved.config.vocab_size == 64
+    # model.pretrained_image: a ViT image tower starts from the BEiT encoder
+    import torch
+
+    from vlkit.models.mae.transfer import load_pretrained_image
+    from vlkit.modules.encoders.vit import VisionTransformer
+
+    target = torch.nn.Module()
+    target.visual = VisionTransformer(saved.config.vision)
+    assert load_pretrained_image(target, out)
+    for key, value in target.visual.state_dict().items():
+        assert torch.equal(value, saved.encoder.state_dict()[key]), key
 
 
 def test_beit_mask_token_hides_the_masked_patches():

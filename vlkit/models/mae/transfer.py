@@ -1,8 +1,8 @@
-"""Initialising a ViT image tower (CLIP, ALBEF ... ``visual.*``) from a pre-trained MAE encoder
+"""Initialising a ViT image tower (CLIP, ALBEF ... ``visual.*``) from a pre-trained MAE or BEiT encoder
 (``model.pretrained_image=RUN``).
 
-The MAE encoder is a :class:`~vlkit.modules.encoders.vit.VisionTransformer`, so the key map is a change of prefix:
-``encoder.<key>`` of the MAE becomes ``visual.<key>`` of the target (and of its momentum copy, where it has one).
+Both encoders are a :class:`~vlkit.modules.encoders.vit.VisionTransformer`, so the key map is a change of prefix:
+``encoder.<key>`` of the MAE (or BEiT) becomes ``visual.<key>`` of the target (and of its momentum copy, where it has one).
 Every key of the target tower must be found with the same shape; otherwise one error line names the first key
 that differs and both shapes.
 """
@@ -18,6 +18,8 @@ from torch import nn
 from vlkit.errors import VlkitError
 
 SOURCE_PREFIX = "encoder."
+#: the masked-image-modelling models whose ``encoder`` is a plain ViT
+SOURCE_ARCHITECTURES = ("mae", "beit")
 TARGET_TOWER = "visual"
 
 
@@ -28,14 +30,15 @@ def _model_dir(path: Path) -> Path:
         return path / "model"
     if (path / CONFIG_NAME).exists():
         return path
-    raise VlkitError(f"model.pretrained_image: {path}: not an MAE run or model directory (no {CONFIG_NAME})")
+    raise VlkitError(f"model.pretrained_image: {path}: not an MAE or BEiT run or model directory "
+                     f"(no {CONFIG_NAME})")
 
 
 def mae_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The encoder weights (``encoder.`` prefix removed) of a saved MAE run or model directory.
+    """The encoder weights (``encoder.`` prefix removed) of a saved MAE or BEiT run or model directory.
 
     Raises:
-        VlkitError: the directory is not a saved MAE model.
+        VlkitError: the directory is not a saved MAE or BEiT model.
     """
     from safetensors.torch import load_file
 
@@ -46,8 +49,9 @@ def mae_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
         arch = json.loads((directory / CONFIG_NAME).read_text()).get("architecture")
     except (OSError, ValueError) as exc:
         raise VlkitError(f"model.pretrained_image: {directory / CONFIG_NAME}: unreadable ({exc})") from None
-    if arch != "mae":
-        raise VlkitError(f"model.pretrained_image: {directory} holds a {arch!r} model, not an MAE (mae-*)")
+    if arch not in SOURCE_ARCHITECTURES:
+        raise VlkitError(f"model.pretrained_image: {directory} holds a {arch!r} model, not an MAE (mae-*) or a "
+                         "BEiT (beit-*)")
     file = directory / WEIGHTS_NAME
     if not file.exists():
         raise VlkitError(f"model.pretrained_image: {directory}: no weights ({WEIGHTS_NAME} missing)")
