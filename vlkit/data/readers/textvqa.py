@@ -113,13 +113,9 @@ def read_textvqa(path: Path, images_root: Path | None, problems: list[Problem]) 
         if reason:
             problems.append(Problem(str(path), where, reason))
             continue
-        image_path = find(entry)
-        if image_path is None:
-            problems.append(Problem(str(path), where, f"no image for this question ({entry.get('image_id')})"))
+        rec = _image_record(entry, path, where, find, root, images_root, records, problems, "this question")
+        if rec is None:
             continue
-        key = image_id(image_path, root)
-        rec = records.setdefault(key, Record(id=key, image_path=image_path, source=f"{path}:{where}",
-                                             root=confinement_root(path, images_root)))
         rec.questions.append(entry["question"].strip())
         rec.answers.append([a.strip() for a in answers])
         if with_ocr and rec.extra.get("ocr_tokens") is None:
@@ -134,12 +130,19 @@ def _add_tokens(entry: dict, path: Path, where: str, find: _StemFinder, root: Pa
     if reason:
         problems.append(Problem(str(path), where, reason))
         return
+    rec = _image_record(entry, path, where, find, root, images_root, records, problems, "these OCR tokens")
+    if rec is not None and rec.extra.get("ocr_tokens") is None:
+        rec.extra["ocr_tokens"] = tokens
+
+
+def _image_record(entry: dict, path: Path, where: str, find: _StemFinder, root: Path, images_root: Path | None,
+                  records: dict[str, Record], problems: list[Problem], what: str) -> Record | None:
+    """The record of the image ``entry`` names (made on first sight), or None with a problem naming ``what``
+    when no image is found."""
     image_path = find(entry)
     if image_path is None:
-        problems.append(Problem(str(path), where, f"no image for these OCR tokens ({entry.get('image_id')})"))
-        return
+        problems.append(Problem(str(path), where, f"no image for {what} ({entry.get('image_id')})"))
+        return None
     key = image_id(image_path, root)
-    rec = records.setdefault(key, Record(id=key, image_path=image_path, source=f"{path}:{where}",
-                                         root=confinement_root(path, images_root)))
-    if rec.extra.get("ocr_tokens") is None:
-        rec.extra["ocr_tokens"] = tokens
+    return records.setdefault(key, Record(id=key, image_path=image_path, source=f"{path}:{where}",
+                                          root=confinement_root(path, images_root)))
