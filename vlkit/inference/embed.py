@@ -1,6 +1,7 @@
 """Image and caption embeddings of a Lance dataset, and writing them back into it as new columns.
 
-:func:`compute_embeddings` runs a model over one split (or every row). :func:`write_embeddings` adds them to
+:func:`compute_embeddings` runs a model over one split (or every row), reading images or, for a video
+dataset, videos whose embedding is the mean of their frames' (:mod:`vlkit.inference.video_embed`). :func:`write_embeddings` adds them to
 the dataset as columns without rewriting the images: each fragment joins the new columns on ``id`` into new
 data files, and one ``Merge`` commit brings them in and drops any earlier embedding columns at once, so every
 version of the dataset has either the old embeddings or the new ones, never none. The columns carry the
@@ -20,11 +21,12 @@ import torch
 from torch import Tensor
 
 from vlkit.data.columns import replace_columns
-from vlkit.data.dataset import LanceImageTextDataset, make_loader
+from vlkit.data.dataset import make_loader
 from vlkit.data.store import open_dataset, retry_on_conflict, write_lock
 from vlkit.errors import DataError
 from vlkit.inference.loading import LoadedModel
-from vlkit.inference.speed import autocast, prefetch, prepared, resolve_precision, to_channels_last
+from vlkit.inference.speed import autocast, prefetch, prepared, resolve_precision
+from vlkit.inference.video_embed import encode_pixels, image_side_dataset, require_videos, resolve_frames
 
 IMAGE_COLUMN = "image_embedding"
 TEXT_COLUMN = "caption_embeddings"
@@ -44,6 +46,8 @@ class Embeddings:
         columns: further columns that were asked for, as lists.
         thumbnails: JPEG thumbnails of the images, when they were asked for.
         precision: what they were computed in (``fp32`` or ``bf16``).
+        frames: 0 when the rows were embedded as images; else the frames sampled per video, whose mean-pooled
+            embeddings ``image`` holds (:mod:`vlkit.inference.video_embed`).
     """
 
     ids: list[str]
@@ -55,6 +59,7 @@ class Embeddings:
     columns: dict[str, list] = field(default_factory=dict)
     thumbnails: list[bytes] | None = None
     precision: str = "fp32"
+    frames: int = 0
 
 
 def can_embed(model) -> bool:
@@ -97,8 +102,8 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
                        num_workers: int = 0, progress: bool = False, limit: int | None = None,
                        rows: Sequence[int] | None = None, precision: str | None = None, channels_last: bool = True,
                        prefetch_batches: int = 2, fold_batch_norms: bool = True,
-                       thumbnails: int | None = None) -> Embeddings:
-    """Embed every image (and caption) of ``split`` of ``dataset`` (``None``: every row).
+                       thumbnails: int | None = None, frames: int | None = 0) -> Embeddings:
+    """Embed every image or video (and caption) of ``split`` of ``dataset`` (``None``: every row).
 
     The model runs in inference mode, with bf16 autocast where the hardware has native bf16 (``precision``),
     channels-last convolutions with batch norms folded into them, and the next batches decoded in a background
@@ -123,19 +128,24 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
         prefetch_batches: batches decoded ahead in a background thread (0: none).
         fold_batch_norms: fold batch norms into the convolutions they follow for the call (checked to 1e-4).
         thumbnails: also make a JPEG thumbnail of each image with this longer side, from the same decode
-            (:attr:`Embeddings.thumbnails`).
+            (:attr:`Embeddings.thumbnails`; a video's is of its middle frame).
+        frames: 0: embed the ``image`` column; ``N``: embed the ``video`` column, the mean of ``N`` uniformly
+            sampled frames per video; ``None``: videos (8 frames) when the dataset has a ``video`` column, else
+            images (:func:`vlkit.inference.video_embed.resolve_frames`).
 
     Raises:
-        DataError: the split has no rows.
-        VlkitError: the model embeds nothing (a fusion-only model), or an unknown precision.
+        DataError: the split has no rows, or (videos) a row has no video.
+        VlkitError: the model embeds nothing (a fusion-only model), an unknown precision, or a bad ``frames``.
     """
     model, tokenizer = loaded.model, loaded.tokenizer
     require_embeddings(model, "computing embeddings", text=captions)
     device = loaded.device
     precision = resolve_precision(loaded.precision if precision is None else precision, device)
-    ds = LanceImageTextDataset(dataset, split, model.preprocess.image_transform(train=False),
-                               tokenizer if captions else None, captions="all" if captions else "none",
-                               columns=columns, thumbnails=thumbnails)
+    frames = resolve_frames(dataset, frames)
+    if frames:
+        require_videos(dataset, split)
+    ds = image_side_dataset(dataset, split, model.preprocess.image_transform(train=False),
+                            tokenizer if captions else None, captions, columns, thumbnails, frames)
     if len(ds) == 0:
         raise DataError(f"{dataset}: split {split!r} has no rows" if split else f"{dataset}: no rows")
     indices = list(range(len(ds))) if rows is None else [int(i) for i in rows]
@@ -161,8 +171,7 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
         for batch in batches:
             start = len(ids)
             ids += batch["id"]
-            pixels = batch["image"].to(device)
-            images.append(model.encode_image(to_channels_last(pixels) if nhwc else pixels).float())
+            images.append(encode_pixels(model, batch["image"].to(device), nhwc))  # images or videos
             if captions and batch["text"]:
                 texts.append(model.encode_text(batch["input_ids"].to(device),
                                                batch["attention_mask"].to(device)).float())
@@ -182,6 +191,7 @@ def compute_embeddings(loaded: LoadedModel, dataset: str | Path, split: str | No
         columns=extra,
         thumbnails=thumbs if thumbnails is not None else None,
         precision=precision,
+        frames=frames,
     )
 
 
