@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default: 0)")
     p.add_argument("--clips", type=int, default=1, metavar="K",
                    help="video-classification: clips per video, evenly spaced, their scores averaged (default: 1)")
+    p.add_argument("--frames", type=int, metavar="N",
+                   help="retrieval over a video dataset (one with a 'video' column, which is read as videos): "
+                   "frames sampled uniformly per video, each embedded by the image tower and their mean the "
+                   "video's embedding (default: 8); 0 reads each video's middle frame as an image")
     p.add_argument("--beams", type=int, metavar="N",
                    help="captioning and generated VQA answers: beam search width; 1 is greedy (default: what the "
                    "model was trained to use, saved in its generation.json, else 3)")
@@ -84,7 +88,12 @@ def _print_table(summary: dict, result) -> None:
     print(f"model {summary['model']}  (weights {summary['model_tag']})")
     if result.retrieval is not None:
         m = result.retrieval
-        print(f"{summary['images']} images, {summary['captions']} captions")
+        noun = "video" if "videos" in summary else "image"
+        if noun == "video":
+            print(f"{summary['videos']} videos ({summary['frames']} frames each, mean-pooled), "
+                  f"{summary['captions']} captions")
+        else:
+            print(f"{summary['images']} images, {summary['captions']} captions")
         if summary.get("ranking") == "itm":
             print(f"ranked by image-text matching over all {summary['pairs']} pairs (a fusion-only model)")
         elif "rerank" in summary:
@@ -92,7 +101,7 @@ def _print_table(summary: dict, result) -> None:
                   f"pairs scored in {summary['rerank_seconds']:.1f} s); 'itc' rows are before re-ranking")
         print(f"\n{'':18}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>12}{'median rank':>13}")
         before = {k.rsplit("/", 1)[-1][: -len("_itc")]: v for k, v in summary["metrics"].items() if k.endswith("_itc")}
-        for name, key in (("text->image", "t2i"), ("image->text", "i2t")):
+        for name, key in ((f"text->{noun}", "t2i"), (f"{noun}->text", "i2t")):
             fields = [f"{key}_{s}" for s in ("r1", "r5", "r10", "mean_rank", "median_rank")]
             rows = [(name, [getattr(m, f) for f in fields])]
             if before:
@@ -223,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
                       templates=templates, batch_size=args.batch_size, limit=args.limit,
                       num_workers=args.num_workers, progress=not args.json and sys.stderr.isatty(),
                       settings=settings, prompt=args.prompt, spice=args.spice, rerank=args.rerank,
-                      rerank_score=args.rerank_score, precision=args.precision, clips=args.clips)
+                      rerank_score=args.rerank_score, precision=args.precision, clips=args.clips,
+                      frames=args.frames)
     summary = result.summary()
     if args.predictions:
         from vlkit.eval.caption_report import coco_results

@@ -156,12 +156,17 @@ def _require_embeddings_or_matching(loaded, task: str, rerank: int | None) -> No
 
 
 def _evaluate_retrieval(loaded, dataset: Path, split: str, base: dict, prefix: str, common: dict,
-                        rerank: int | None, rerank_score: str = "itm+itc") -> EvalResult:
+                        rerank: int | None, rerank_score: str = "itm+itc", frames: int = 0) -> EvalResult:
     """Recall@K both ways: by the contrastive embeddings, re-ranked by ITM (``rerank``), or, for a fusion-only
-    model, by ITM over every image-caption pair."""
+    model, by ITM over every image-caption pair; with ``frames``, between videos (the mean of ``frames``
+    frames' embeddings) and captions, the metrics named ``t2v_*`` and ``v2t_*``."""
     from vlkit.inference.rerank import itm_retrieval, rerank_embeddings
     from vlkit.inference.embed import can_embed
+    from vlkit.inference.video_embed import video_metric_names
 
+    if frames and not can_embed(loaded.model):
+        raise VlkitError(f"video retrieval embeds each video's frames, which a {type(loaded.model).__name__} "
+                         "cannot (a fusion-only model); use a two-tower model, or --frames 0 for the middle frames")
     if not can_embed(loaded.model):
         itm = itm_retrieval(loaded, dataset, split, limit=common["limit"], batch_size=common["batch_size"],
                             num_workers=common["num_workers"], progress=common["progress"])
@@ -169,8 +174,11 @@ def _evaluate_retrieval(loaded, dataset: Path, split: str, base: dict, prefix: s
                    "pairs": len(itm.ids) * len(itm.captions), "itm_seconds": round(itm.seconds, 3)}
         return EvalResult(**base, metrics=itm.metrics.as_dict(prefix), details=details, embeddings=None,
                           retrieval=itm.metrics)
-    emb = compute_embeddings(loaded, dataset, split, captions=True, **common)
+    emb = compute_embeddings(loaded, dataset, split, captions=True, frames=frames, **common)
     m = retrieval_metrics(emb.image, emb.text, emb.caption_image)
+    if frames:  # videos: no re-ranking (refused before the model was loaded)
+        return EvalResult(**base, metrics=video_metric_names(m.as_dict(prefix)), embeddings=emb, retrieval=m,
+                          details={"videos": len(emb.ids), "captions": len(emb.captions), "frames": frames})
     details: dict[str, Any] = {"images": len(emb.ids), "captions": len(emb.captions)}
     if rerank is None:
         return EvalResult(**base, metrics=m.as_dict(prefix), details=details, embeddings=emb, retrieval=m)
@@ -291,7 +299,7 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
              limit: int | None = None, num_workers: int = 0, progress: bool = False,
              settings: dict[str, Any] | None = None, prompt: str | None = None, spice: bool = False,
              rerank: int | None = None, rerank_score: str = "itm+itc", precision: str = "auto",
-             clips: int = 1) -> EvalResult:
+             clips: int = 1, frames: int | None = None) -> EvalResult:
     """Evaluate a run, model directory or checkpoint on ``split`` of ``dataset``.
 
     Args:
@@ -325,6 +333,8 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
         precision: what embeddings are computed in (``auto``, ``fp32``, ``bf16``; see
             :mod:`vlkit.inference.speed`).
         clips: video-classification: clips per video, their scores averaged (:mod:`vlkit.eval.video`).
+        frames: retrieval: frames sampled per video of a video dataset (default 8), their embeddings
+            mean-pooled; 0 evaluates the middle frames as images (:mod:`vlkit.inference.video_embed`).
 
     Raises:
         VlkitError: unknown task, bad limit or batch size, no such run/model/checkpoint, or a model that
@@ -355,6 +365,12 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     data.split(split)  # the split exists
     if task in ("retrieval", "captioning"):
         _require_captions(data, split, task, limit if task == "captioning" else None)
+    if task == "retrieval":  # videos or images, decided before the model is loaded
+        from vlkit.inference.video_embed import retrieval_frames
+
+        frames = retrieval_frames(data, split, frames, limit, rerank)
+    elif frames is not None:
+        raise VlkitError("--frames applies to --task retrieval only")
     elif task == "vqa":
         _require_questions(data, split)
     elif task == "visdial":  # dialog rounds with answer options (vlkit.eval.dialog)
@@ -383,7 +399,7 @@ def evaluate(model_path: str | Path, task: str, dataset: str | Path, split: str 
     base = dict(task=task, dataset=dataset, split=split, model=str(loaded.source), model_tag=loaded.tag)
     prefix = f"{split}/{dataset_name(dataset)}/"
     if task == "retrieval":
-        result = _evaluate_retrieval(loaded, data, split, base, prefix, common, rerank, rerank_score)
+        result = _evaluate_retrieval(loaded, data, split, base, prefix, common, rerank, rerank_score, frames)
     elif task == "zeroshot":
         from vlkit.tasks.zeroshot import evaluate_zeroshot
 

@@ -78,14 +78,15 @@ def _spread(n: int, k: int) -> list[int]:
 
 def _retrieval_body(result: EvalResult, out: Path) -> str:
     m, emb = result.retrieval, result.embeddings
-    rows = [["text → image", _fmt(m.t2i_r1), _fmt(m.t2i_r5), _fmt(m.t2i_r10), _fmt(m.t2i_mean_rank, 2),
+    noun = "video" if emb.frames else "image"  # videos: the mean of emb.frames frames' embeddings
+    rows = [[f"text → {noun}", _fmt(m.t2i_r1), _fmt(m.t2i_r5), _fmt(m.t2i_r10), _fmt(m.t2i_mean_rank, 2),
              _fmt(m.t2i_median_rank, 1)],
-            ["image → text", _fmt(m.i2t_r1), _fmt(m.i2t_r5), _fmt(m.i2t_r10), _fmt(m.i2t_mean_rank, 2),
+            [f"{noun} → text", _fmt(m.i2t_r1), _fmt(m.i2t_r5), _fmt(m.i2t_r10), _fmt(m.i2t_mean_rank, 2),
              _fmt(m.i2t_median_rank, 1)]]
     parts = ["<h2>Retrieval</h2>",
              _table(["direction", "R@1 %", "R@5 %", "R@10 %", "mean rank", "median rank"], rows),
-             f"<p>R-sum {_fmt(m.rsum)} · {len(emb.ids)} images · {len(emb.captions)} captions. Every caption "
-             "queries all images of the split; an image query is correct at rank r when any of its captions "
+             f"<p>R-sum {_fmt(m.rsum)} · {len(emb.ids)} {noun}s · {len(emb.captions)} captions. Every caption "
+             f"queries all {noun}s of the split; {'a video' if emb.frames else 'an image'} query is correct at rank r when any of its captions "
              "is among the first r texts.</p>"]
 
     owner = emb.caption_image.tolist()

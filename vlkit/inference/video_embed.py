@@ -207,3 +207,20 @@ def video_metric_names(metrics: dict[str, float]) -> dict[str, float]:
                 name = new + name[len(old):]
         out[f"{head}/{name}" if head else name] = value
     return out
+
+
+def retrieval_frames(dataset: OpenedDataset, split: str, frames: int | None, limit: int | None = None,
+                     rerank: int | None = None) -> int:
+    """The frames per video retrieval evaluation reads (0: images), checked before the model is loaded.
+
+    Raises:
+        VlkitError: a bad ``frames``, or re-ranking asked for videos (the matching head reads one image).
+        DataError: ``frames`` for a dataset without videos, or a row of the split without a video.
+    """
+    frames = resolve_frames(dataset, frames)
+    if frames and rerank is not None:
+        raise VlkitError("--rerank re-scores images with a matching head, not videos; leave it out, or evaluate "
+                         "the videos' middle frames as images with --frames 0")
+    if frames:
+        require_videos(dataset, split, limit)
+    return frames
