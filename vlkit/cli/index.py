@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``index`` subcommand to ``sub``."""
     p = sub.add_parser(
         "index",
-        help="build a search index (LanceDB) of a dataset's images and captions",
+        help="build a search index (LanceDB) of a dataset's images (or videos) and captions",
         description="Embed the images and captions of DATASET (or reuse the columns 'vlkit embed' wrote with "
         "the same model) and write a LanceDB index with ids, captions and thumbnails to --out. Tables "
         f"smaller than --ann-threshold ({DEFAULT_ANN_THRESHOLD}) are searched exactly; larger ones get an "
@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"rows from which an approximate index is built (default {DEFAULT_ANN_THRESHOLD})")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--frames", type=int, metavar="N",
+                   help="a video dataset (one with a 'video' column) is indexed as videos: N frames sampled "
+                   "uniformly per video, their embeddings mean-pooled (default: 8), thumbnails from the middle "
+                   "frame; 0 indexes each video's middle frame as an image")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_precision(p)
     p.set_defaults(func=run)
@@ -48,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     loaded.precision = args.precision  # recorded in the index: queries are embedded in the same precision
     require_embeddings(loaded.model, "vlkit index")
     info = build_index(loaded, args.data, args.out, args.split, batch_size=args.batch_size,
-                       ann_threshold=args.ann_threshold, num_workers=args.workers, progress=not args.no_progress)
-    print(f"indexed {info.images} images and {info.captions} captions ({info.dim}-d, model {info.model_tag}) "
+                       ann_threshold=args.ann_threshold, num_workers=args.workers, progress=not args.no_progress,
+                       frames=args.frames)
+    rows = f"{info.images} videos ({info.frames} frames each)" if info.frames else f"{info.images} images"
+    print(f"indexed {rows} and {info.captions} captions ({info.dim}-d, model {info.model_tag}) "
           f"into {args.out}; search: " + ", ".join(f"{k} {v}" for k, v in info.search.items()))
     return 0

@@ -7,6 +7,11 @@ Layout of an index directory (written to a temporary directory, then renamed int
     db/             LanceDB: table ``images`` (id, caption, captions, thumbnail JPEG, vector) and table
                     ``captions`` (image id, text, vector), for text->image, image->image and image->text
 
+A video dataset (one with a ``video`` column) is indexed as videos: each row's vector is the mean of ``frames``
+uniformly sampled frames' embeddings (:mod:`vlkit.inference.video_embed`), its thumbnail is made from the
+middle frame ingest stored in ``image``, the ``images`` table also holds each video's ``duration`` (seconds),
+and ``index.json`` records ``frames`` (0 for images).
+
 Below ``ann_threshold`` rows a table is searched exactly (a flat scan, recall 1.0). Above it an IVF_SQ index
 is built: on 100k real-structured 256-d embeddings (``bench/search.py``) it kept recall@10 above 0.95 at a
 fraction of the flat-scan latency, where LanceDB's default IVF_PQ without refinement fell far below that.
@@ -55,6 +60,12 @@ class IndexInfo:
     built_at: float
     vlkit_version: str = __version__
     precision: str = "fp32"  # what the embeddings were computed in; queries are embedded in the same
+    frames: int = 0  # 0: the rows are images; N: videos, each the mean of N frames' embeddings
+
+    @property
+    def media(self) -> str:
+        """``image`` or ``video``: what the rows of the ``images`` table are."""
+        return "video" if self.frames else "image"
 
 
 def thumbnail(data: bytes, size: int = THUMB_SIZE) -> bytes:
@@ -124,26 +135,38 @@ def create_vector_index(table, rows: int, threshold: int) -> str:
 
 def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split: str | None = None, *,
                 batch_size: int = 64, ann_threshold: int = DEFAULT_ANN_THRESHOLD, num_workers: int = 0,
-                progress: bool = False) -> IndexInfo:
-    """Embed ``split`` of ``dataset`` with ``loaded`` (or reuse the embeddings ``vlkit embed`` stored with
-    the same model) and write a LanceDB index to ``out``, replacing an earlier index there only once complete.
+                progress: bool = False, frames: int | None = None) -> IndexInfo:
+    """Embed ``split`` of ``dataset`` with ``loaded`` (or reuse the image embeddings ``vlkit embed`` stored
+    with the same model) and write a LanceDB index to ``out``, replacing an earlier index there only once
+    complete.
+
+    ``frames``: for a video dataset, the frames sampled per video (default 8; 0 indexes the middle frames as
+    images); see :func:`vlkit.inference.video_embed.resolve_frames`.
 
     Returns:
         What was recorded in ``index.json``.
 
     Raises:
         VlkitError: ``out`` holds anything but an earlier index (files vlkit did not write, the dataset, the
-            current directory...), or cannot be written.
+            current directory...), or cannot be written, or a bad ``frames``.
+        DataError: ``frames`` for a dataset without videos, or a row without a video.
     """
     import lancedb
     from lancedb.index import BTree
 
-    check_output_dir(out, "index", inputs=[dataset])  # before the embeddings are computed
+    from vlkit.inference.video_embed import require_videos, resolve_frames
 
-    emb = _stored_embeddings(loaded, dataset, split)
+    check_output_dir(out, "index", inputs=[dataset])  # before the embeddings are computed
+    frames = resolve_frames(dataset, frames)
+    durations = bool(frames) and "duration" in open_dataset(dataset).schema.names
+    if frames:
+        require_videos(dataset, split)
+
+    emb = None if frames else _stored_embeddings(loaded, dataset, split)  # stored ones are of images
     if emb is None:
         emb = compute_embeddings(loaded, dataset, split, batch_size=batch_size, num_workers=num_workers,
-                                 progress=progress, thumbnails=THUMB_SIZE)  # one decode for both
+                                 progress=progress, thumbnails=THUMB_SIZE, frames=frames,
+                                 columns=["duration"] if durations else [])  # one decode for both
     dim = emb.image.shape[1]
     first_caption = [""] * len(emb.ids)
     all_captions: list[list[str]] = [[] for _ in emb.ids]
@@ -159,6 +182,9 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
                               else list(_thumbnails(dataset, split, emb.ids)), pa.binary()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(emb.image.numpy().astype(np.float32).ravel()), dim),
     })
+    if frames:  # videos: their length, shown with the results
+        seconds = emb.columns["duration"] if durations else [None] * len(emb.ids)
+        images = images.append_column("duration", pa.array(seconds, pa.float64()))
     captions = pa.table({
         "id": pa.array([emb.ids[i] for i in emb.caption_image.tolist()], pa.string()),
         "text": pa.array(emb.captions, pa.string()),
@@ -175,7 +201,7 @@ def build_index(loaded: LoadedModel, dataset: str | Path, out: str | Path, split
                                                       len(emb.captions), ann_threshold)}
         info = IndexInfo(model_tag=loaded.tag, model_source=str(loaded.source), dim=dim, dataset=str(dataset),
                          split=split, images=len(emb.ids), captions=len(emb.captions), search=search,
-                         built_at=time.time(), precision=emb.precision)
+                         built_at=time.time(), precision=emb.precision, frames=frames)
         (tmp / INDEX_META).write_text(json.dumps(asdict(info), indent=2))
     return info
 

@@ -1,4 +1,5 @@
-"""Queries against an index: text->image, image->image and image->text.
+"""Queries against an index: text->image, image->image and image->text (and, for an index of videos,
+text->video, image->video and video captions: a video is searched by its mean-pooled embedding).
 
 Scores are cosine similarities of L2-normalised embeddings (1 = identical direction).
 
@@ -57,6 +58,7 @@ class ImageHit:
         score: the cosine similarity, or after re-ranking (:meth:`Searcher.rerank_text`) the ITM probability.
         cosine: after re-ranking, the cosine similarity the hit was found with (else None).
         itm: after re-ranking, the ITM probability (else None).
+        duration: in an index of videos, the video's length in seconds (else None).
     """
 
     id: str
@@ -65,6 +67,7 @@ class ImageHit:
     captions: list[str] = field(default_factory=list)
     cosine: float | None = None
     itm: float | None = None
+    duration: float | None = None
 
 
 @dataclass
@@ -302,9 +305,11 @@ class Searcher:
         return self._read(opened, run)
 
     def _images(self, opened: _Opened, vector: torch.Tensor, k: int) -> list[ImageHit]:
-        rows = self._query(opened, IMAGES_TABLE, vector, check_k(k), ["id", "caption", "captions"])
-        return [ImageHit(r["id"], 1.0 - float(r["_distance"]), r["caption"], list(r["captions"] or []))
-                for r in rows]
+        video = bool(opened.info.frames)  # an index of videos: its table also holds their durations
+        rows = self._query(opened, IMAGES_TABLE, vector, check_k(k),
+                           ["id", "caption", "captions", *(["duration"] if video else [])])
+        return [ImageHit(r["id"], 1.0 - float(r["_distance"]), r["caption"], list(r["captions"] or []),
+                         duration=r.get("duration")) for r in rows]
 
     def search_vector(self, vector: torch.Tensor, k: int = 5) -> list[ImageHit]:
         """Images nearest to an embedding."""
@@ -333,6 +338,9 @@ class Searcher:
         if isinstance(rerank, bool) or not isinstance(rerank, int) or not k <= rerank <= MAX_K:
             raise QueryError(f"--rerank must be an integer from k ({k}) to {MAX_K}, not {rerank!r}")
         opened = self._current()
+        if opened.info.frames:
+            raise VlkitError("re-ranking scores images with a matching head, and this index holds videos; "
+                             "search without --rerank")
         model = require_matching(opened.loaded.model, "--rerank")
         hits = self._images(opened, self._embed_text(opened, query), rerank)
         if not hits:
