@@ -58,7 +58,9 @@ class ImageHit:
         score: the cosine similarity, or after re-ranking (:meth:`Searcher.rerank_text`) the ITM probability.
         cosine: after re-ranking, the cosine similarity the hit was found with (else None).
         itm: after re-ranking, the ITM probability (else None).
-        duration: in an index of videos, the video's length in seconds (else None).
+        media: ``image``, or ``video`` in an index of videos (its ``id`` is a video's, its thumbnail the video's
+            middle frame).
+        duration: a video's length in seconds (None for an image).
     """
 
     id: str
@@ -67,6 +69,7 @@ class ImageHit:
     captions: list[str] = field(default_factory=list)
     cosine: float | None = None
     itm: float | None = None
+    media: str = "image"
     duration: float | None = None
 
 
@@ -309,7 +312,7 @@ class Searcher:
         rows = self._query(opened, IMAGES_TABLE, vector, check_k(k),
                            ["id", "caption", "captions", *(["duration"] if video else [])])
         return [ImageHit(r["id"], 1.0 - float(r["_distance"]), r["caption"], list(r["captions"] or []),
-                         duration=r.get("duration")) for r in rows]
+                         media="video" if video else "image", duration=r.get("duration")) for r in rows]
 
     def search_vector(self, vector: torch.Tensor, k: int = 5) -> list[ImageHit]:
         """Images nearest to an embedding."""

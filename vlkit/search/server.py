@@ -4,7 +4,8 @@ Routes::
 
     GET  /                         the search page (static/index.html, app.js, style.css under /static)
     GET  /api/info                 index size, embedding size, model fingerprints, limits
-    GET  /api/search?q=TEXT&k=N    images for a text query
+    GET  /api/search?q=TEXT&k=N    images for a text query (videos, for an index of videos: each result then has
+                                   ``media: "video"`` and its ``duration``, its thumbnail the middle frame)
     POST /api/search/image         images (mode=images) or captions (mode=captions) for an uploaded image:
                                    multipart field ``file``, or the raw bytes with an image/* content type;
                                    ``k`` and ``mode`` as query parameters (or multipart fields)
@@ -52,8 +53,8 @@ from vlkit.search.describe import MAX_DESCRIPTIONS, Describer
 from vlkit.search.explainer import ExplanationCache
 from vlkit.search.http_guard import LOOPBACK_HOSTS, AllowedHosts
 from vlkit.inference.loading import LoadedModel
-from vlkit.search.searcher import (MAX_IMAGE_BYTES, MAX_K, IndexUnavailable, QueryError, QueryImageTooLarge,
-                                   Searcher, check_image, check_k)
+from vlkit.search.searcher import (MAX_IMAGE_BYTES, MAX_K, ImageHit, IndexUnavailable, QueryError,
+                                   QueryImageTooLarge, Searcher, check_image, check_k)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_K = 12
@@ -121,6 +122,17 @@ def parse_n(raw: str | None) -> int:
 def thumbnail_url(image_id: str) -> str:
     """The URL of an image's thumbnail (the id percent-encoded, its slashes kept)."""
     return "/api/thumbnail/" + quote(image_id, safe="/")
+
+
+def image_result(hit: ImageHit) -> dict:
+    """The JSON of one image found: ``id``, ``score``, ``caption``, ``captions``, ``thumbnail`` (its URL); a
+    video found in an index of videos also has ``media: "video"`` and its ``duration`` in seconds (its
+    thumbnail is its middle frame)."""
+    out = {"id": hit.id, "score": hit.score, "caption": hit.caption, "captions": hit.captions,
+           "thumbnail": thumbnail_url(hit.id)}
+    if hit.media == "video":
+        out.update(media="video", duration=hit.duration)
+    return out
 
 
 async def _limited(chunks: AsyncIterator[bytes], limit: int, max_image: int) -> AsyncIterator[bytes]:
@@ -234,7 +246,8 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
     def info() -> dict:
         searcher.refresh()
         i = searcher.info
-        return {"images": i.images, "captions": i.captions, "dim": i.dim, "dataset": Path(i.dataset).name,
+        return {"images": i.images, "media": i.media, "frames": i.frames, "captions": i.captions, "dim": i.dim,
+                "dataset": Path(i.dataset).name,
                 "split": i.split, "model_tag": i.model_tag, "query_model_tag": searcher.loaded.tag,
                 "search": i.search, "built_at": i.built_at, "max_k": MAX_K, "default_k": svc.default_k,
                 "max_upload_bytes": svc.max_upload, "max_pixels": max_pixels(), "vlkit_version": __version__,
@@ -248,8 +261,7 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
         start = time.perf_counter()
         hits = svc.locked(searcher.search_text, q, n)
         return {"query": q, "k": n, "took_ms": round((time.perf_counter() - start) * 1000, 1),
-                "results": [{"id": h.id, "score": h.score, "caption": h.caption, "captions": h.captions,
-                             "thumbnail": thumbnail_url(h.id)} for h in hits]}
+                "results": [image_result(h) for h in hits]}
 
     @app.post("/api/search/image")
     async def search_image(request: Request) -> dict:
@@ -271,8 +283,7 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
                        for h in hits]
         else:
             found = await run_in_threadpool(svc.locked, searcher.search_image, data, n)
-            results = [{"id": h.id, "score": h.score, "caption": h.caption, "captions": h.captions,
-                        "thumbnail": thumbnail_url(h.id)} for h in found]
+            results = [image_result(h) for h in found]
         return {"mode": mode, "k": n, "took_ms": round((time.perf_counter() - start) * 1000, 1),
                 "results": results}
 

@@ -67,6 +67,14 @@
                        "data-testid": "result-image" });
   }
 
+  function videoBadge(result) {
+    // a video found in an index of videos: its thumbnail is the middle frame; say so, with its length
+    if (result.media !== "video") return null;
+    const seconds = typeof result.duration === "number" ? ` · ${result.duration.toFixed(1)} s` : "";
+    return el("p", { className: "media-badge", text: `video${seconds}`, "data-testid": "result-media",
+                     title: "a video: the picture is its middle frame" });
+  }
+
   // ------------------------------------------------------------------ rendering
   function whyButton(result, query, image) {
     // "why?": the heat map of what in this image matches the query, drawn over the thumbnail (and back)
@@ -102,6 +110,7 @@
           el("span", { className: "score", text: result.score.toFixed(3), "data-testid": "result-score" }),
           scoreBar(result.score),
         ]),
+        videoBadge(result),
         el("p", { className: "caption", text: result.caption || "(no caption)", "data-testid": "result-caption" }),
         more,
         el("div", { className: "card-foot" }, [el("code", { className: "id", text: result.id, title: result.id }),
@@ -160,7 +169,7 @@
     } else {
       els.results.replaceChildren(...body.results.map((r, i) => imageCard(r, i + 1, body.query)));
     }
-    const noun = captions ? "caption" : "image";
+    const noun = captions ? "caption" : (state.info && state.info.media === "video" ? "video" : "image");
     const count = body.results.length;
     els.status.textContent = `${count} ${noun}${count === 1 ? "" : "s"} for ${what} · ${body.took_ms} ms`;
   }
@@ -305,7 +314,8 @@
       const info = await response.json();
       if (!response.ok) throw new Error(info.error || `the server answered ${response.status}`);
       state.info = info;
-      const parts = [`${info.images.toLocaleString()} images`, `${info.captions.toLocaleString()} captions`,
+      const rows = info.media === "video" ? `videos (${info.frames} frames each)` : "images";
+      const parts = [`${info.images.toLocaleString()} ${rows}`, `${info.captions.toLocaleString()} captions`,
                      `${info.dim}-d`, `model ${info.model_tag}`];
       if (info.query_model_tag !== info.model_tag) parts.push(`queries by ${info.query_model_tag}`);
       els.info.textContent = parts.join(" · ");
