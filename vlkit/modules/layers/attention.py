@@ -1,9 +1,12 @@
 """Multi-head attention on ``scaled_dot_product_attention``: self and cross attention, padding and causal
-masks, and a key/value cache for incremental decoding."""
+masks, and a key/value cache for incremental decoding. On request (:func:`recording_attention`) a layer computes
+its attention explicitly and keeps the probabilities, which the fused kernel never forms (explanations read them)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,54 @@ def merge_masks(
     return mask
 
 
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,
+                       dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Attention written out: ``softmax(q k^T / sqrt(head_dim))`` masked, then times ``v``; the same result as
+    ``scaled_dot_product_attention`` with the same arguments, and its probabilities.
+
+    Args:
+        q: ``[batch, heads, q_len, head_dim]``.
+        k, v: ``[batch, heads, k_len, head_dim]``.
+        mask: boolean, True = attend, broadcastable to ``[batch, heads, q_len, k_len]``.
+        is_causal: query ``i`` attends to keys ``<= i`` (top-left aligned, as the fused kernel).
+        dropout_p: dropout on the probabilities (the returned probabilities are those before dropout).
+
+    Returns:
+        The output ``[batch, heads, q_len, head_dim]`` and the probabilities ``[batch, heads, q_len, k_len]``,
+        both in the autograd graph.
+    """
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [batch, heads, q_len, k_len]
+    if is_causal:
+        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    dropped = F.dropout(probs, dropout_p) if dropout_p > 0 else probs
+    return dropped @ v, probs
+
+
+@contextlib.contextmanager
+def recording_attention(*layers: "MultiHeadAttention") -> Iterator[None]:
+    """While the block runs, ``layers`` compute their attention explicitly (:func:`explicit_attention`) and keep
+    the probabilities of their last call in ``attention_probs`` (in the autograd graph, so a gradient can be
+    taken with respect to them). Off by default: the fused kernel is faster and forms no probabilities.
+
+    Example:
+        >>> with recording_attention(layer.cross_attn):
+        ...     out = model(...)
+        ...     probs = layer.cross_attn.attention_probs  # [batch, heads, q_len, k_len]
+    """
+    for layer in layers:
+        layer.record_attention = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.record_attention = False
+            layer.attention_probs = None
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention. Self-attention uses one fused ``in_proj`` (q, k, v); cross-attention
     (``kv_dim`` given) projects queries with ``q_proj`` and the context with ``kv_proj``.
@@ -75,6 +126,11 @@ class MultiHeadAttention(nn.Module):
         qk_norm: LayerNorm on each head's queries and keys before their dot product (ViT-22B).
         norm_eps: epsilon of those LayerNorms.
     """
+
+    #: compute attention explicitly and keep its probabilities (see :func:`recording_attention`)
+    record_attention: bool = False
+    #: ``[batch, heads, q_len, k_len]`` of the last call while recording, else None
+    attention_probs: Tensor | None = None
 
     def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None, bias: bool = True, dropout: float = 0.0,
                  qk_norm: bool = False, norm_eps: float = 1e-6):
@@ -138,9 +194,12 @@ class MultiHeadAttention(nn.Module):
         if is_causal and not causal_fast:
             causal = torch.ones(q_len, k_len, dtype=torch.bool, device=x.device).tril(diagonal=past)
             mask = causal[None, None] if mask is None else mask & causal
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal_fast
-        )  # [batch, heads, q_len, head_dim]
+        dropout_p = self.dropout if self.training else 0.0
+        if self.record_attention:
+            out, self.attention_probs = explicit_attention(q, k, v, mask, causal_fast, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal_fast)
+        # out: [batch, heads, q_len, head_dim]
         out = out.transpose(1, 2).reshape(b, q_len, self.dim)
         return self.out_proj(out)
 
