@@ -62,6 +62,21 @@ def grid(images: Sequence[Image.Image], labels: Sequence[str] = (), columns: int
     return sheet
 
 
+def overlay_grid(image: Image.Image, heats: Sequence[np.ndarray], labels: Sequence[str] = (),
+                 columns: int | None = None, cell: int = 160) -> Image.Image:
+    """One :func:`overlay` of ``image`` per heat map, in a :func:`grid` with a label beneath each (a text's map,
+    then one map per word).
+
+    Args:
+        image: the picture.
+        heats: heat maps in [0, 1], ``[h, w]`` each.
+        labels: a caption for each map.
+        columns: maps per row (default: all in one row).
+        cell: the side of each picture.
+    """
+    return grid([overlay(image, heat) for heat in heats], labels, columns, cell)
+
+
 def to_image(pixels) -> Image.Image:
     """An RGB picture from a float tensor or array ``[3, H, W]`` in [0, 1]."""
     arr = np.asarray(pixels.detach().cpu() if hasattr(pixels, "detach") else pixels, dtype=np.float32)
