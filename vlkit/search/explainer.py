@@ -1,6 +1,6 @@
 """Heat maps for the search page: why an indexed image matches a query, drawn over its thumbnail, computed on
-demand and kept in a small least-recently-used cache keyed by the model's fingerprint, the image id and the
-query."""
+demand and kept in a small least-recently-used cache keyed by the model's fingerprint, the version of the index
+(a rebuilt index may hold other images under the same ids), the image id and the query."""
 
 from __future__ import annotations
 
@@ -28,9 +28,26 @@ class ExplanationCache:
     def __init__(self, searcher: Searcher, size: int = CACHE_SIZE):
         self.searcher = searcher
         self.size = size
-        self._cache: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, float, str, str], bytes] = OrderedDict()
         self._lock = threading.Lock()
-        self.computed = 0  # heat maps computed so far (the rest came from the cache)
+        self.computed = 0  # heat maps computed so far
+        self.hits = 0  # heat maps answered from the cache
+
+    @property
+    def available(self) -> bool:
+        """Whether the served model can be explained: it takes gradients through PyTorch weights (a model run by
+        onnxruntime cannot)."""
+        import torch
+
+        model = self.searcher.loaded.model
+        return isinstance(model, torch.nn.Module) and next(iter(model.parameters()), None) is not None
+
+    def require(self) -> None:
+        """Raise a :class:`QueryError` (400) when the served model cannot be explained."""
+        if not self.available:
+            raise QueryError(f"the served model ({type(self.searcher.loaded.model).__name__}) cannot explain its "
+                             "matches: explanations take gradients through PyTorch weights; serve the index "
+                             "with --runtime torch")
 
     @staticmethod
     def check(image_id: str | None, query: str | None) -> tuple[str, str]:
@@ -47,6 +64,11 @@ class ExplanationCache:
             raise QueryError(f"the query is too long ({len(query)} characters; at most {MAX_QUERY_CHARS})")
         return image_id, query.strip()
 
+    def cached(self, image_id: str, query: str) -> bool:
+        """Whether the heat map of ``image_id`` for ``query`` by the current model and index is in the cache."""
+        with self._lock:
+            return (self.searcher.loaded.tag, self.searcher.info.built_at, image_id, query) in self._cache
+
     def get(self, image_id: str, query: str, run: Callable = lambda fn, *a: fn(*a)) -> bytes | None:
         """The heat map of ``image_id`` for ``query`` as PNG bytes, or None for an id the index does not hold.
 
@@ -55,10 +77,11 @@ class ExplanationCache:
             query: the text.
             run: how to call the model (the server passes its model lock).
         """
-        key = (self.searcher.loaded.tag, image_id, query)
+        key = (self.searcher.loaded.tag, self.searcher.info.built_at, image_id, query)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
+                self.hits += 1
                 return self._cache[key]
         thumbnail = self.searcher.thumbnail(image_id)
         if thumbnail is None:

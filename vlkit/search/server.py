@@ -19,7 +19,8 @@ Routes::
 
 Every error is JSON ``{"error": "<message>"}`` with a 4xx status for the caller's mistakes (400 bad query or a
 ``Host`` the server does not answer for, 404 unknown id or route, 413 upload too large in bytes or in pixels,
-415 unsupported upload type, 400 for a description asked of a model that cannot write one), 503 while the index is being rebuilt, and 500 otherwise. Uploads are read as a
+415 unsupported upload type, 400 for a description asked of a model that cannot write one or an explanation
+of a model run by onnxruntime), 503 while the index is being rebuilt, and 500 otherwise. Uploads are read as a
 stream and refused as soon as they pass the limit (at once when Content-Length already says so); an image's
 pixel count is checked from its header before it is decoded and before the model lock is taken. Model inference
 runs in the threadpool, one query at a time (the model and tokenizer are shared). A rebuilt index is picked
@@ -251,7 +252,8 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
                 "split": i.split, "model_tag": i.model_tag, "query_model_tag": searcher.loaded.tag,
                 "search": i.search, "built_at": i.built_at, "max_k": MAX_K, "default_k": svc.default_k,
                 "max_upload_bytes": svc.max_upload, "max_pixels": max_pixels(), "vlkit_version": __version__,
-                "can_describe": describe.available, "max_descriptions": MAX_DESCRIPTIONS}
+                "can_describe": describe.available, "max_descriptions": MAX_DESCRIPTIONS,
+                "can_explain": explanations.available}
 
     @app.get("/api/search")
     def search_text(q: str | None = None, k: str | None = None) -> dict:
@@ -309,6 +311,7 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = MAX_IMAGE_BYTES,
     def explain_match(id: str | None = None, q: str | None = None) -> Response:  # noqa: A002 (the query key)
         image_id, query = explanations.check(id, q)
         searcher.refresh()
+        explanations.require()  # an onnxruntime model answers at once
         picture = explanations.get(image_id, query, svc.locked)
         if picture is None:
             raise ApiError(404, f"no image with id {image_id!r} in this index")
