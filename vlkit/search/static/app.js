@@ -11,7 +11,7 @@
     preview: $("query-preview"), previewImage: $("preview-image"), previewName: $("preview-name"),
     describe: $("mode-describe"), describeLabel: $("mode-describe-label"), describeHint: $("describe-hint"),
   };
-  const state = { info: null, last: null, controller: null, previewUrl: null };
+  const state = { info: null, last: null, controller: null, previewUrl: null, heatUrls: [] };
 
   // ------------------------------------------------------------------ helpers
   function el(tag, props = {}, children = []) {
@@ -75,20 +75,68 @@
                      title: "a video: the picture is its middle frame" });
   }
 
-  // ------------------------------------------------------------------ rendering
-  function whyButton(result, query, image) {
-    // "why?": the heat map of what in this image matches the query, drawn over the thumbnail (and back)
-    const why = el("button", { type: "button", className: "ghost", text: "why?", "aria-pressed": "false",
-                               title: "Show where this image matches the query", "data-testid": "explain" });
-    why.addEventListener("click", () => {
-      const showing = why.getAttribute("aria-pressed") === "true";
-      image.src = showing ? result.thumbnail
-        : `/api/explain?${new URLSearchParams({ id: result.id, q: query })}`;
-      why.setAttribute("aria-pressed", String(!showing));
-    });
-    return why;
+  // ------------------------------------------------------------------ "why?"
+  async function explanation(id, query) {
+    // the heat map of where image `id` matches `query`, as an object URL (kept until the next results)
+    const response = await fetch(`/api/explain?${new URLSearchParams({ id, q: query })}`);
+    if (!response.ok) {
+      let body = null;
+      try { body = await response.json(); } catch (_) { /* not JSON */ }
+      throw new Error((body && body.error) || `the server answered ${response.status} ${response.statusText}`);
+    }
+    const blob = await response.blob();
+    if (!blob.type.startsWith("image/") || blob.size === 0) throw new Error("the server sent no picture");
+    const url = URL.createObjectURL(blob);
+    state.heatUrls.push(url);
+    return url;
   }
 
+  function placeOver(heat, image) {
+    // the heat map covers the centre square of the thumbnail (what the model sees) as the card shows it
+    const w = image.naturalWidth, h = image.naturalHeight;
+    const side = w && h ? (100 * Math.min(w, h)) / Math.max(w, h) : 100;
+    heat.style.setProperty("width", `${side}%`);
+    heat.style.setProperty("height", `${side}%`);
+    heat.style.setProperty("left", `${(100 - side) / 2}%`);
+    heat.style.setProperty("top", `${(100 - side) / 2}%`);
+  }
+
+  function whyParts(result, query, image) {
+    // "why?": the heat map of what in this image matches the query, laid over the thumbnail (and off again);
+    // fetched once per card; an error is written on the card
+    const why = el("button", { type: "button", className: "ghost", text: "why?", "aria-pressed": "false",
+                               title: "Show where this image matches the query", "data-testid": "explain" });
+    const heat = el("img", { className: "heat", alt: `where this image matches “${query}”`, hidden: true,
+                             draggable: false, "data-testid": "heat-map" });
+    const message = el("p", { className: "why-error", role: "alert", hidden: true, "data-testid": "explain-error" });
+    const show = (on) => {
+      heat.hidden = !on;
+      why.setAttribute("aria-pressed", String(on));
+    };
+    why.addEventListener("click", async () => {
+      if (why.getAttribute("aria-pressed") === "true") return show(false);
+      message.hidden = true;
+      if (!heat.getAttribute("src")) {
+        why.disabled = true;
+        try {
+          heat.src = await explanation(result.id, query);
+          await heat.decode();
+        } catch (err) {
+          heat.removeAttribute("src");
+          message.textContent = `No explanation: ${err.message}`;
+          message.hidden = false;
+          return;
+        } finally {
+          why.disabled = false;
+        }
+      }
+      placeOver(heat, image);
+      show(true);
+    });
+    return { why, heat, message };
+  }
+
+  // ------------------------------------------------------------------ rendering
   function imageCard(result, rank, query) {
     const captions = (result.captions || []).filter((c) => c !== result.caption);
     const more = captions.length
@@ -101,9 +149,10 @@
                                    title: "Find images similar to this one", "data-testid": "find-similar" });
     similar.addEventListener("click", () => searchLikeResult(result));
     const image = thumb(result, result.caption || result.id);
-    const why = query ? whyButton(result, query, image) : null;
+    const explainable = query && !(state.info && state.info.can_explain === false);
+    const { why, heat, message } = explainable ? whyParts(result, query, image) : {};
     return el("article", { className: "card", "data-testid": "result-card", dataset: { id: result.id } }, [
-      el("div", { className: "thumb" }, [image,
+      el("div", { className: "thumb" }, [image, heat,
                                          el("span", { className: "rank", text: `#${rank}` })]),
       el("div", { className: "card-body" }, [
         el("div", { className: "score-row" }, [
@@ -115,6 +164,7 @@
         more,
         el("div", { className: "card-foot" }, [el("code", { className: "id", text: result.id, title: result.id }),
                                               why, similar]),
+        message,
       ]),
     ]);
   }
@@ -159,6 +209,7 @@
   }
 
   function render(body, what) {
+    for (const url of state.heatUrls.splice(0)) URL.revokeObjectURL(url);  // the previous cards' heat maps
     els.error.hidden = true;
     els.empty.hidden = body.results.length > 0;
     const captions = body.mode === "captions";
@@ -329,9 +380,6 @@
 
   const params = new URLSearchParams(location.search);
   if (params.has("k") && [...els.k.options].some((o) => o.value === params.get("k"))) els.k.value = params.get("k");
-  loadInfo();
-  if (params.get("q")) {
-    els.query.value = params.get("q");
-    searchText();
-  }
+  if (params.get("q")) els.query.value = params.get("q");
+  loadInfo().then(() => { if (params.get("q")) searchText(); });  // the cards offer what the server can do
 })();
