@@ -66,7 +66,8 @@ def test_why_draws_the_heat_map_over_the_thumbnail_and_caches_it(served):
     cache.size = 2  # least recently used dropped first
     client.get("/api/explain", params={"id": hits[1]["id"], "q": "a red circle"})
     client.get("/api/explain", params={"id": hits[2]["id"], "q": "a red circle"})
-    assert len(cache._cache) == 2 and (cache.searcher.loaded.tag, first, "a red circle") not in cache._cache
+    assert len(cache._cache) == 2 and not cache.cached(first, "a red circle")
+    assert cache.cached(hits[2]["id"], "a red circle")
 
 
 def test_why_has_the_limits_of_the_other_routes(served):

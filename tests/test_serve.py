@@ -10,7 +10,6 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,11 +25,9 @@ from vlkit.inference.loading import load_for_inference
 from vlkit.search.searcher import MAX_IMAGE_BYTES, Searcher
 from vlkit.search.server import create_app
 
+from .browser import CHROMIUM, CHROMIUM_ARGS, playwright as _playwright
 from .conftest import jpeg_bytes
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 K_ERROR = "k must be an integer from 1 to 100"
 
 
@@ -324,16 +321,6 @@ def test_serve_subprocess_answers_over_http(live_server):
 
 
 # --------------------------------------------------------------------------- the page in a browser
-def _playwright():
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: the browser test needs it")
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is not installed: the browser test needs it")
-    return sync_playwright, expect
-
-
 def test_page_end_to_end_in_chromium(live_server, dataset_rows, tmp_path):
     sync_playwright, expect = _playwright()
     expect.set_options(timeout=30_000)
