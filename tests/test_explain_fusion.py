@@ -92,6 +92,7 @@ def test_recorded_attention_times_values_is_the_fused_kernels_output():
         recorded = cross(x, context, key_padding_mask=pad)
         probs = cross.attention_probs.detach()  # [2, 4, 5, 7]
     assert cross.record_attention is False and cross.attention_probs is None  # off again after the block
+    assert torch.equal(cross(x, context, key_padding_mask=pad), plain)  # and the fused kernel's path as before
     torch.testing.assert_close(recorded, plain, atol=1e-6, rtol=1e-5)
     q = cross._heads(cross.q_proj(x))
     k, v = cross.context_kv(context)
