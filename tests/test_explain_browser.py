@@ -90,7 +90,7 @@ def test_why_in_chromium(app, index_dir):
             image_id = card.get_attribute("data-id")
             heat = card.get_by_test_id("heat-map")
             why = card.get_by_test_id("explain")
-            expect(heat).to_be_hidden()
+            expect(heat).to_have_count(0)
             assert asked == []  # nothing is computed before it is asked for
 
             # "why?" lays the route's picture over the thumbnail
@@ -134,7 +134,7 @@ def test_why_in_chromium(app, index_dir):
             expect(heat).to_be_visible()
             assert len(asked) == 1
             page.get_by_test_id("query-input").press("Enter")  # the same search: new cards
-            expect(cards.first.get_by_test_id("heat-map")).to_be_hidden()
+            expect(cards.first.get_by_test_id("heat-map")).to_have_count(0)
             expect(cards.first).to_have_attribute("data-id", image_id)
             cards.first.get_by_test_id("explain").click()
             expect(cards.first.get_by_test_id("heat-map")).to_be_visible()
@@ -151,11 +151,10 @@ def test_why_in_chromium(app, index_dir):
                 expect(message).to_contain_text("missing or being rebuilt")
             finally:
                 os.rename(aside, index_dir)
-            expect(other.get_by_test_id("heat-map")).to_be_hidden()
+            expect(other.get_by_test_id("heat-map")).to_have_count(0)
             expect(other.get_by_test_id("explain")).to_have_attribute("aria-pressed", "false")
-            assert other.get_by_test_id("heat-map").get_attribute("src") is None
-            assert other.evaluate("card => [...card.querySelectorAll('img')].filter(i => !i.hidden)"
-                                  ".every(i => i.complete && i.naturalWidth > 0)")
+            assert other.evaluate("card => [...card.querySelectorAll('img')]"
+                                  ".every(i => i.complete && i.naturalWidth > 0)")  # no broken picture
             other.get_by_test_id("explain").click()
             expect(other.get_by_test_id("heat-map")).to_be_visible()
             expect(message).to_be_hidden()

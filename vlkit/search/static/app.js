@@ -106,9 +106,8 @@
     // fetched once per card; an error is written on the card
     const why = el("button", { type: "button", className: "ghost", text: "why?", "aria-pressed": "false",
                                title: "Show where this image matches the query", "data-testid": "explain" });
-    const heat = el("img", { className: "heat", alt: `where this image matches “${query}”`, hidden: true,
-                             draggable: false, "data-testid": "heat-map" });
     const message = el("p", { className: "why-error", role: "alert", hidden: true, "data-testid": "explain-error" });
+    let heat = null;  // the heat map's <img>, put beside the thumbnail once it has come
     const show = (on) => {
       heat.hidden = !on;
       why.setAttribute("aria-pressed", String(on));
@@ -116,13 +115,16 @@
     why.addEventListener("click", async () => {
       if (why.getAttribute("aria-pressed") === "true") return show(false);
       message.hidden = true;
-      if (!heat.getAttribute("src")) {
+      if (!heat) {
         why.disabled = true;
         try {
-          heat.src = await explanation(result.id, query);
-          await heat.decode();
+          const picture = el("img", { className: "heat", alt: `where this image matches “${query}”`,
+                                      draggable: false, "data-testid": "heat-map" });
+          picture.src = await explanation(result.id, query);
+          await picture.decode();
+          heat = picture;
+          image.after(heat);
         } catch (err) {
-          heat.removeAttribute("src");
           message.textContent = `No explanation: ${err.message}`;
           message.hidden = false;
           return;
@@ -133,7 +135,7 @@
       placeOver(heat, image);
       show(true);
     });
-    return { why, heat, message };
+    return { why, message };
   }
 
   // ------------------------------------------------------------------ rendering
@@ -150,9 +152,9 @@
     similar.addEventListener("click", () => searchLikeResult(result));
     const image = thumb(result, result.caption || result.id);
     const explainable = query && !(state.info && state.info.can_explain === false);
-    const { why, heat, message } = explainable ? whyParts(result, query, image) : {};
+    const { why, message } = explainable ? whyParts(result, query, image) : {};
     return el("article", { className: "card", "data-testid": "result-card", dataset: { id: result.id } }, [
-      el("div", { className: "thumb" }, [image, heat,
+      el("div", { className: "thumb" }, [image,
                                          el("span", { className: "rank", text: `#${rank}` })]),
       el("div", { className: "card-body" }, [
         el("div", { className: "score-row" }, [
