@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.utils.fs import check_output_dir
 
     check_output_dir(args.out, "index", inputs=[args.data, args.run], what="--out")  # before any work
+    from vlkit.inference.video_embed import require_videos, resolve_frames
+
+    if resolve_frames(args.data, args.frames):  # videos or images, and every row a video, before the model loads
+        require_videos(args.data, args.split)
     loaded = load_for_inference(args.run)
     loaded.precision = args.precision  # recorded in the index: queries are embedded in the same precision
     require_embeddings(loaded.model, "vlkit index")
