@@ -86,8 +86,8 @@ def _retrieval_body(result: EvalResult, out: Path) -> str:
     parts = ["<h2>Retrieval</h2>",
              _table(["direction", "R@1 %", "R@5 %", "R@10 %", "mean rank", "median rank"], rows),
              f"<p>R-sum {_fmt(m.rsum)} · {len(emb.ids)} {noun}s · {len(emb.captions)} captions. Every caption "
-             f"queries all {noun}s of the split; {'a video' if emb.frames else 'an image'} query is correct at rank r when any of its captions "
-             "is among the first r texts.</p>"]
+             f"queries all {noun}s of the split; {'a video' if emb.frames else 'an image'} query is correct at "
+             "rank r when any of its captions is among the first r texts.</p>"]
 
     owner = emb.caption_image.tolist()
     first_caption: dict[int, int] = {}

@@ -1,11 +1,12 @@
 """Image and caption embeddings of a Lance dataset, and writing them back into it as new columns.
 
 :func:`compute_embeddings` runs a model over one split (or every row), reading images or, for a video
-dataset, videos whose embedding is the mean of their frames' (:mod:`vlkit.inference.video_embed`). :func:`write_embeddings` adds them to
-the dataset as columns without rewriting the images: each fragment joins the new columns on ``id`` into new
-data files, and one ``Merge`` commit brings them in and drops any earlier embedding columns at once, so every
-version of the dataset has either the old embeddings or the new ones, never none. The columns carry the
-model's fingerprint in their field metadata, so embeddings can be traced to the run that made them.
+dataset, videos whose embedding is the mean of their frames' (:mod:`vlkit.inference.video_embed`).
+:func:`write_embeddings` adds them to the dataset as columns without rewriting the images: each fragment joins
+the new columns on ``id`` into new data files, and one ``Merge`` commit brings them in and drops any earlier
+embedding columns at once, so every version of the dataset has either the old embeddings or the new ones, never
+none. The columns carry the model's fingerprint in their field metadata, so embeddings can be traced to the run
+that made them.
 """
 
 from __future__ import annotations
