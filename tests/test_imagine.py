@@ -158,3 +158,96 @@ def test_imagine_command_writes_a_grid(explain_run, tmp_path):
     assert theirs.read_bytes() == before
     bad = run_cli("imagine", explain_run, "a red circle", "--steps", "0", "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "--steps must be at least 1" in bad.stderr
+    vit = run_cli("imagine", explain_run, "a red circle", "--work-size", "16", "--precision", "fp32", "--out",
+                  tmp_path / "y.png", "--no-progress")
+    assert vit.returncode == 2 and "--work-size 16: the image tower takes 32 px only" in vit.stderr
+    assert not (tmp_path / "y.png").exists()
+
+
+class _ConvTwoTower(torch.nn.Module):
+    """A tiny CNN two-tower stand-in (convolutions followed by batch norms, like EfficientNet) for the fast path."""
+
+    LR_GROUPS = {"image": ("tower.",)}
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        bn = [torch.nn.BatchNorm2d(8), torch.nn.BatchNorm2d(16)]
+        for norm in bn:  # eval-mode statistics far from the identity, so that a wrong fold would show
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(norm.bias, -0.2, 0.2)
+        self.tower = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), bn[0], torch.nn.ReLU(),
+                                         torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), bn[1],
+                                         torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                         torch.nn.Linear(64, 12))
+        self.eval()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.tower(images), dim=-1)
+
+
+def _imagine_conv(model, progress=None, **options) -> torch.Tensor:
+    from vlkit.explain.imagine import ImagineSettings, imagine, pixel_normalizer
+
+    target = F.normalize(torch.linspace(-1, 1, 12), dim=0)
+    return imagine(model, target, ImagineSettings(steps=4, seed=3, **options), image_size=24,
+                   normalize=pixel_normalizer((0.5,) * 3, (0.25,) * 3), progress=progress)
+
+
+def test_fast_path_follows_the_plain_path_and_leaves_the_model_as_it_was():
+    """Channels-last convolutions with the batch norms folded (seen during the steps) give, in fp32, the image of
+    the plain path (no folding, NCHW: the reference) after 4 steps; the model's parameters, modules and flags are
+    put back."""
+    model = _ConvTwoTower()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    bn = model.tower[1]
+    during = set()
+
+    def watch(step: int, similarity: float) -> None:
+        nhwc = model.tower[0].weight.is_contiguous(memory_format=torch.channels_last)
+        during.add((type(model.tower[1]).__name__, type(model.tower[4]).__name__, nhwc))
+
+    plain = _imagine_conv(model, watch, precision="fp32", fast=False)
+    assert during == {("BatchNorm2d", "BatchNorm2d", False)}
+    during.clear()
+    fast = _imagine_conv(model, watch, precision="fp32", fast=True)
+    assert during == {("Identity", "Identity", True)}
+    torch.testing.assert_close(fast, plain, atol=2e-4, rtol=0)
+    assert not torch.allclose(plain, _imagine_conv(model, precision="fp32", fast=True, copies=1), atol=1e-3)
+    assert list(model.parameters()) == params and model.tower[1] is bn
+    assert all(p.requires_grad for p in model.parameters())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=0, rtol=0)
+        assert value.is_contiguous()
+
+
+def test_precision_and_work_size_reach_the_tower():
+    """bf16 makes the convolutions compute in bf16 (fp32 does not), and the copies enter the tower in one batch
+    at --work-size pixels; a ViT tower refuses --work-size with one line."""
+    from vlkit.errors import VlkitError
+
+    model = _ConvTwoTower()
+    seen = []
+    hook = model.tower[0].register_forward_hook(lambda m, args, out: seen.append((out.dtype, tuple(args[0].shape))))
+    try:
+        _imagine_conv(model, precision="bf16", copies=3, work_size=16)
+        assert seen[-1] == (torch.bfloat16, (3, 3, 16, 16))
+        _imagine_conv(model, precision="fp32", copies=2)
+        assert seen[-1] == (torch.float32, (2, 3, 24, 24))
+    finally:
+        hook.remove()
+    with pytest.raises(VlkitError, match="--precision must be one of"):
+        _imagine_conv(model, precision="fp16")
+
+
+def test_work_size_is_refused_for_a_vit_tower(loaded):
+    from vlkit.errors import VlkitError
+    from vlkit.explain.imagine import ImagineSettings, embed_texts, imagine, pixel_normalizer
+
+    target = embed_texts(loaded.model, loaded.tokenizer, ["a red circle"])[0]
+    with pytest.raises(VlkitError, match="--work-size 16: the image tower takes 32 px only"):
+        imagine(loaded.model, target, ImagineSettings(steps=1, work_size=16), image_size=32,
+                normalize=pixel_normalizer((0.5,) * 3, (0.5,) * 3))
