@@ -303,6 +303,9 @@ def test_explain_command_refusals(trained_blip, tmp_path, capsys):
         (["blip", "--layer", "2"], "--layer 2: a BLIP has 2 cross-attention layers"),
         (["vilt"], "a ViLT is neither"),
         (["clip", "--per-word", str(tmp_path / "w.png")], "--per-word and --layer read the cross-attention"),
+        (["clip", "--score", "itm"], "a CLIP does not qualify: it has no image-text matching (ITM) head"),
+        (["vilt", "--score", "similarity"], "--score similarity: a ViLT embeds no images and texts"),
+        (["blip", "--score", "similarity", "--layer", "0"], "not with a BLIP and --score similarity"),
         (["blip", "--per-word", str(out)], "the same file as --out"),
     ]
     for args, message in cases:
@@ -310,3 +313,7 @@ def test_explain_command_refusals(trained_blip, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not (tmp_path / "w.png").exists()
+    # --score similarity explains BLIP's contrastive towers instead (the two-tower map of its ViT)
+    assert main(["explain", str(tmp_path / "blip"), str(source), "red", "--out", str(out), "--score", "similarity",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "token-gradcam" and out.exists()

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="PNG", help="the heat map over the image (.png)")
     p.add_argument("--size", type=int, default=256, metavar="PX",
                    help="side of the written picture (default 256)")
+    p.add_argument("--score", choices=("auto", "itm", "similarity"), default="auto",
+                   help="what the map explains: the ITM score (fusion models) or the embeddings' cosine similarity "
+                   "(two-tower models, and ALBEF/BLIP's contrastive towers); auto: ITM where the model has it")
     p.add_argument("--per-word", metavar="PNG", default=None,
                    help="fusion models: also write a grid of the whole text's map and one map per word (.png)")
     p.add_argument("--layer", type=int, default=None, metavar="N",
@@ -60,15 +63,18 @@ def run(args: argparse.Namespace) -> int:
     data = read_images([args.image])
     loaded = load_for_inference(args.run)
     model = loaded.model
-    matching = can_explain_matching(model)
+    name = type(model).__name__
+    if args.score == "itm":
+        check_layer(model, args.layer)  # one line when the model has no ITM head over cross-attention
+    matching = args.score != "similarity" and can_explain_matching(model)
     if not matching:
         if not can_embed(model):
             raise VlkitError(f"vlkit explain needs a two-tower model (image and text embeddings) or a fusion model "
-                             f"with an ITM head over cross-attention (albef-*, blip-*); a {type(model).__name__} "
-                             "is neither")
+                             f"with an ITM head over cross-attention (albef-*, blip-*); a {name} is neither"
+                             if args.score == "auto" else f"--score similarity: a {name} embeds no images and texts")
         if args.per_word is not None or args.layer is not None:
-            raise VlkitError(f"--per-word and --layer read the cross-attention of a fusion model (albef-*, "
-                             f"blip-*); a {type(model).__name__} has none")
+            raise VlkitError("--per-word and --layer read the cross-attention of a fusion model's ITM score "
+                             f"(albef-*, blip-*); not with a {name} and --score {args.score}")
     else:
         check_layer(model, args.layer)
     transform = model.preprocess.image_transform(train=False)
