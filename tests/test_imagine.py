@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,6 +161,8 @@ def test_imagine_command_writes_a_grid(explain_run, tmp_path):
                   tmp_path / "y.png", "--no-progress")
     assert vit.returncode == 2 and "--work-size 16: the image tower takes 32 px only" in vit.stderr
     assert not (tmp_path / "y.png").exists()
+    threads = run_cli("imagine", explain_run, "a red circle", "--threads", "0", "--out", tmp_path / "z.png")
+    assert threads.returncode == 2 and "--threads must be at least 1, got 0" in threads.stderr
 
 
 class _ConvTwoTower(torch.nn.Module):
@@ -251,3 +252,16 @@ def test_work_size_is_refused_for_a_vit_tower(loaded):
     with pytest.raises(VlkitError, match="--work-size 16: the image tower takes 32 px only"):
         imagine(loaded.model, target, ImagineSettings(steps=1, work_size=16), image_size=32,
                 normalize=pixel_normalizer((0.5,) * 3, (0.5,) * 3))
+
+
+@pytest.mark.parametrize("cores, load, expected", [(2, 0.2, 2), (2, 0.6, 1), (2, 1.2, 1), (2, 7.5, 1), (8, 2.6, 5),
+                                                   (8, 0.0, 8)])
+def test_idle_cores_leaves_the_busy_cores_to_other_jobs(monkeypatch, cores, load, expected):
+    """The thread count is the cores minus the rounded 1-minute load average, at least 1 (closed form)."""
+    import os
+
+    from vlkit.explain import imagine
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    assert imagine.idle_cores() == expected

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "random jitter, scale, rotation and crop at every step, until the frozen image tower embeds it close to "
         "the text's embedding (computed once). Several texts give a grid, each labelled. --neuron C also raises "
         "channel C of the image tower's last feature map. The similarity each image reached is printed. With the "
-        "quickstart model a 224 px image takes about 2 minutes on 2 CPU cores (bench/imagine.py).",
+        "quickstart model a 224 px image takes well under a minute on 2 CPU cores (bench/imagine.py).",
     )
     p.add_argument("run", help="run directory, model directory or checkpoint of a two-tower model")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="what to imagine")
@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "CNN towers only)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto (default): bf16 autocast where the hardware computes bf16 natively, else fp32")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: the cores the load average leaves idle, at least 1: a thread sharing "
+                   "its core with another job stalls the others)")
     p.add_argument("--plain", action="store_true",
                    help="no channels-last convolutions and no batch norms folded into them (slower)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of the Fourier coefficients (default 0.05)")
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``vlkit imagine``."""
     from vlkit.errors import VlkitError
     from vlkit.explain.figures import check_figure_path, grid, save_figure, to_image
-    from vlkit.explain.imagine import ImagineSettings, embed_texts, imagine, pixel_normalizer
+    from vlkit.explain.imagine import ImagineSettings, embed_texts, idle_cores, imagine, pixel_normalizer
     from vlkit.inference.embed import require_embeddings
     from vlkit.inference.loading import load_for_inference
 
@@ -54,7 +57,13 @@ def run(args: argparse.Namespace) -> int:
     settings.check()
     if not 0 < args.lr < float("inf"):
         raise VlkitError(f"--lr must be a positive number, got {args.lr}")
+    if args.threads is not None and args.threads < 1:
+        raise VlkitError(f"--threads must be at least 1, got {args.threads}")
     out = check_figure_path(args.out, inputs=[args.run])
+    threads = args.threads or idle_cores()  # read before the model's loading adds to the load
+    import torch
+
+    torch.set_num_threads(threads)
     loaded = load_for_inference(args.run)
     model = loaded.model
     require_embeddings(model, "vlkit imagine")
@@ -79,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
         pictures.append(image)
-    import torch
     import torch.nn.functional as F
 
     with torch.no_grad():

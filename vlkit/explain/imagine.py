@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -216,6 +217,21 @@ def _channel(spatial: Tensor, channel: int) -> Tensor:
         raise VlkitError(f"--neuron {channel} is past the last channel of the feature map "
                          f"({spatial.shape[1]} channels, 0 to {spatial.shape[1] - 1})")
     return spatial[:, channel].mean()
+
+
+def idle_cores() -> int:
+    """The CPU cores that the 1-minute load average leaves idle (at least 1): the thread count for imagining.
+
+    Imagination is hundreds of small passes through a CNN; an OpenMP thread that shares its core with another
+    job stalls the others at every barrier. Measured on a 2-core machine while one other job ran
+    (``bench/imagine.py``): 2 threads took 0.3 to 3.8 s a step, 1 thread a steady 0.16 s.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this system
+        return cores
+    return max(1, min(cores, cores - math.floor(load + 0.5)))
 
 
 def pixel_normalizer(mean, std) -> Callable[[Tensor], Tensor]:
