@@ -173,3 +173,25 @@ def test_trainer_logs_flops_and_mfu(synth, tmp_path):
 def test_extra_formulas_cover_cpu_attention():
     ops = F._extra_formulas()
     assert all("flash_attention_for_cpu" in str(op) for op in ops)
+
+
+def test_video_classifier_step_is_counted_on_clips():
+    """A TimeSformer (clips in, class logits out) is counted on random clips of its frame count and size."""
+    import warnings
+
+    from vlkit.config.load import load_config
+    from vlkit.utils.flops import forward_flops_per_sample
+
+    cfg = load_config(None, ["datasets={d: {path: x}}", "tasks=[{name: video_classification, dataset: d}]",
+                             "model.name=timesformer-tiny"])
+    counts = {}
+    for frames in (4, 8):
+        model = vlkit.create_model("timesformer-tiny", frames=frames, layers=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "could not count" warning
+            counts[frames] = measure_step_flops(model, cfg, torch.device("cpu"))
+        clips = [torch.randn(2, frames, 3, 32, 32)]
+        forward = forward_flops_per_sample(model, clips, loss_fn=lambda m, b: m(b[0]).sum())
+        assert 2.0 * forward < counts[frames] <= 3.0 * forward  # backward: about twice the forward
+    # the linear layers' work grows with the frames; attention over 16 patches per frame adds a little
+    assert 1.9 < counts[8] / counts[4] < 2.3

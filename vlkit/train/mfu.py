@@ -7,6 +7,7 @@ import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlkit.config.schema import TrainConfig
@@ -34,13 +35,34 @@ def measure_step_flops(model: nn.Module, cfg: TrainConfig, device: torch.device)
     work). Never raises: a model the counter cannot run only loses its MFU.
     """
     try:
-        batch = synthetic_batch(model, batch_size=2, device=device)
-        flops = train_flops_per_sample(model, batch, head=step_head(model, [t.name for t in cfg.tasks]))
+        if _is_video_classifier(model):  # clips in, class logits out: a cross-entropy step on random clips
+            flops = train_flops_per_sample(model, [_random_clips(model, device)], loss_fn=_video_loss)
+        else:
+            batch = synthetic_batch(model, batch_size=2, device=device)
+            flops = train_flops_per_sample(model, batch, head=step_head(model, [t.name for t in cfg.tasks]))
     except Exception as exc:  # noqa: BLE001 - MFU is a diagnostic; training goes on without it
         warnings.warn(f"could not count the FLOPs of {cfg.model.name} ({type(exc).__name__}: {exc}); "
                       "train/mfu will not be logged", stacklevel=2)
         return None
     return flops if flops > 0 else None
+
+
+def _is_video_classifier(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "frames", None) is not None and getattr(config, "num_classes", 0) > 0 \
+        and not hasattr(model, "encode_text")
+
+
+def _random_clips(model: nn.Module, device: torch.device, batch_size: int = 2) -> torch.Tensor:
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    size = config.image_size
+    return torch.randn(batch_size, config.frames, 3, size, size, generator=gen).to(device)
+
+
+def _video_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    logits = model(batch[0])
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
 
 def step_mfu(flops_per_sample: float | None, samples_per_second: float, peak: float | None, world_size: int,
