@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlkit.config.schema import DatasetConfig, TaskConfig
@@ -58,6 +59,17 @@ class Task(nn.Module):
                                                seed=self.seed, drop_last=True)
         return make_loader(ds, per_rank_batch, self.sampler, num_workers=self.data.num_workers, drop_last=True,
                            pin_memory=self.dist.device.type == "cuda")
+
+    def backward_classes(self, logits: torch.Tensor, labels: torch.Tensor, loss_scale: float = 1.0,
+                         scaler=None) -> dict[str, float]:
+        """Cross-entropy of class ``logits`` ``[batch, classes]`` against ``labels``, weighted by the task's
+        ``weight`` and ``loss_scale``, backpropagated (through ``scaler`` when given); the step's loss and
+        accuracy (percent)."""
+        labels = labels.to(logits.device)
+        loss = F.cross_entropy(logits.float(), labels)
+        scaled = loss * self.cfg.weight * loss_scale
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return {"loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == labels).float().mean()) * 100}
 
     def set_epoch(self, epoch: int, position: int = 0) -> None:
         """Start (or resume at ``position`` samples into) ``epoch`` of the training data."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlkit.config.schema import DatasetConfig, TaskConfig
@@ -100,11 +99,7 @@ class ClassificationTask(Task):
             raise VlkitError("task classification: use grad_accum=1")
         with autocast:
             logits = self._logits(model, batch)
-        labels = batch["label"].to(self.dist.device)
-        loss = F.cross_entropy(logits.float(), labels)
-        scaled = loss * self.cfg.weight * loss_scale
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        return {"loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == labels).float().mean()) * 100}
+        return self.backward_classes(logits, batch["label"], loss_scale, scaler)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, autocast, batch_size: int = 64) -> dict[str, float]:

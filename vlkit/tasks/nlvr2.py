@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlkit.config.schema import DatasetConfig, TaskConfig
@@ -160,11 +159,7 @@ class NLVR2Task(Task):
             raise VlkitError("task nlvr2: use grad_accum=1")
         with autocast:
             logits = self._logits(model, batch)
-        labels = batch["label"].to(self.dist.device)
-        loss = F.cross_entropy(logits.float(), labels)
-        scaled = loss * self.cfg.weight * loss_scale
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        return {"loss": float(loss.detach()), "accuracy": float((logits.argmax(-1) == labels).float().mean()) * 100}
+        return self.backward_classes(logits, batch["label"], loss_scale, scaler)
 
     def save_beside(self, directory: str | Path) -> Path:
         """Write the head beside a saved model as ``nlvr2_head.safetensors`` (a temporary name, then renamed)."""
