@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -74,20 +75,14 @@ CLIP_TINY_GRID8 = [*(a for a in CLIP_TINY_SYNTH if not a.startswith("epochs=")),
 def explain_run(synth, tmp_path_factory):
     """The run directory of a tiny CLIP (8 x 8 patches) trained on ``synth`` for 30 epochs, shared by the
     imagination and explanation tests."""
-    import torch
-
     from vlkit.config.load import load_config
     from vlkit.train.trainer import Trainer
 
     run = tmp_path_factory.mktemp("explain_run") / "run"
     cfg = load_config(None, [f"datasets={{synth: {{path: {synth}}}}}", "tasks=[{name: retrieval, dataset: synth}]",
                              f"output_dir={run}", *CLIP_TINY_GRID8])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         Trainer(cfg).run()
-    finally:
-        torch.set_num_threads(threads)
     return run
 
 
@@ -95,12 +90,21 @@ def explain_run(synth, tmp_path_factory):
 def one_thread():
     """Tiny models run as fast on one torch thread, and stay fast when other processes busy the CPUs; a module
     uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with single_thread():
+        yield
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Torch on one thread inside the block, its earlier thread count restored after."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +137,6 @@ def synth_entail(tmp_path_factory):
 def entail_run(synth_entail, tmp_path_factory):
     """A tiny ALBEF with a classification head trained on ``synth_entail`` by the shipped recipe snli_ve_synth
     (fewer epochs); its run directory, with ``model/classifier.*``."""
-    import torch
-
     from vlkit.config.load import load_config
     from vlkit.train.trainer import Trainer
 
@@ -142,10 +144,6 @@ def entail_run(synth_entail, tmp_path_factory):
     recipe = ROOT / "vlkit" / "configs" / "snli_ve_synth.yaml"
     cfg = load_config(recipe, [f"datasets.synth.path={synth_entail}", f"output_dir={run}", "epochs=12",
                                "progress=false", "tensorboard=false", "log_every=1000"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         Trainer(cfg).run()
-    finally:
-        torch.set_num_threads(threads)
     return run

@@ -13,7 +13,7 @@ import torch
 from vlkit.cli import main
 from vlkit.data.store import open_dataset, split_indices
 
-from .conftest import jpeg_bytes, run_cli
+from .conftest import jpeg_bytes, run_cli, single_thread
 
 EVAL_IMAGES = 12
 
@@ -22,12 +22,9 @@ EVAL_IMAGES = 12
 def one_thread():
     """Tiny models run fastest on one thread (and do not stall when the machine is busy): here and in the
     commands' subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
+    with single_thread(), pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         yield
-    torch.set_num_threads(threads)
 
 
 def _train_captioner(dataset: Path, steps: int = 30):
